@@ -1,0 +1,1 @@
+"""GPU kernels (Triton), each with a plain-torch reference. Imported only on CUDA hosts."""

@@ -1,0 +1,100 @@
+"""Engine configuration: frozen, validated at construction, derived values as properties.
+
+`EngineConfig` is what `LLM(...)` and the serving deployments build an engine from. It holds only
+plain values (no torch objects) so it can cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+
+class Role(str, enum.Enum):
+    MIXED = "mixed"  # prefill and decode in this engine
+    PREFILL = "prefill"  # computes a prompt's KV and first token, holds the blocks for transfer
+    DECODE = "decode"  # admits requests whose KV arrives from a prefill engine
+
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    role: Role = Role.MIXED
+    seed: int = 0
+    tokenizer: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    # KV cache size: an explicit block count wins; otherwise a byte budget (CPU default 4 GiB).
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", _as_role(self.role))
+        dtype = str(self.dtype).removeprefix("torch.")
+        object.__setattr__(self, "dtype", {"half": "float16", "float": "float32"}.get(dtype, dtype))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"engine argument `{name}` {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.model, str) or not self.model:
+            raise bad("model", "must be a local model directory or 'dummy:<preset>'")
+        if self.dtype not in _DTYPES:
+            raise bad("dtype", f"must be one of {_DTYPES}")
+        if self.device not in _DEVICES and not str(self.device).startswith("cuda:"):
+            raise bad("device", f"must be one of {_DEVICES} or 'cuda:N'")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "must be a positive integer")
+        if self.block_size & (self.block_size - 1):
+            raise bad("block_size", "must be a power of two")
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 2
+        ):
+            raise bad("max_model_len", "must be an integer >= 2 or None (the model's own)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise bad("num_kv_blocks", "must be a positive integer or None")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise bad("kv_cache_memory_bytes", "must be a positive integer or None")
+        if self.tensor_parallel_size != 1:
+            raise bad("tensor_parallel_size", "must be 1 in this version")
+
+    def replace(self, **changes) -> EngineConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {sorted(unknown)}")
+        values.update(changes)
+        return EngineConfig(**values)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
+        return cls(model=model, **kwargs)
+
+
+def _as_role(role: Role | str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        choices = [r.value for r in Role]
+        raise ValueError(f"engine argument `role` must be one of {choices}, got {role!r}") from None

@@ -1,0 +1,146 @@
+"""Build a model from a local Hugging Face directory or a `dummy:<preset>`.
+
+Checkpoint tensors stream file by file (single safetensors, or shards listed by an index) into the
+parameters' own weight loaders, which take only this rank's slice. Every parameter must be loaded
+exactly once; anything missing, misshapen or unreadable is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from pdray.models.config import ModelArch, read_config_json
+from pdray.models.registry import Family, resolve_architecture
+
+logger = logging.getLogger(__name__)
+
+DUMMY_PREFIX = "dummy:"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_model_config(model: str) -> tuple[Family, ModelArch, dict]:
+    """Family, arch and raw config.json for a directory or a dummy preset."""
+    if model.startswith(DUMMY_PREFIX):
+        from pdray.models.dummy import preset_config
+
+        cfg = preset_config(model.removeprefix(DUMMY_PREFIX))
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model {model!r} is neither a local directory nor 'dummy:<preset>' "
+                "(pdray loads local Hugging Face directories; it downloads nothing)"
+            )
+        cfg = read_config_json(path)
+    family, arch = resolve_architecture(cfg)
+    return family, arch, cfg
+
+
+def build_model(
+    model: str, family: Family, arch: ModelArch, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> nn.Module:
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = family.model_class(arch)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if model.startswith(DUMMY_PREFIX):
+        init_dummy_weights(module, seed)
+    else:
+        load_weights(module, Path(model))
+    return module.eval()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: corrupt safetensors index ({e!r})") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: shard(s) listed in the index are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (only safetensors is supported)")
+    return files
+
+
+def iterate_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: unreadable or corrupt safetensors file ({e})") from None
+
+
+def load_weights(module: nn.Module, model_dir: Path) -> None:
+    params = dict(module.named_parameters())
+    packed = getattr(module, "packed_modules", {})
+    loaded: set[str] = set()
+    for name, tensor in iterate_tensors(checkpoint_files(model_dir)):
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        target, shard_id = _map_name(name, packed)
+        param = params.get(target)
+        if param is None:
+            if name == "lm_head.weight" and module.arch.tie_word_embeddings:
+                continue
+            raise ValueError(f"{model_dir}: checkpoint tensor {name!r} matches no model parameter")
+        try:
+            param.weight_loader(param, tensor.to(param.dtype), shard_id)
+        except ValueError as e:
+            raise ValueError(f"{model_dir}: tensor {name!r}: {e}") from None
+        loaded.add(f"{target}:{shard_id}")
+    _check_complete(module, params, packed, loaded, model_dir)
+
+
+def _map_name(name: str, packed: dict) -> tuple[str, object]:
+    for ckpt_part, (our_part, shard_id) in packed.items():
+        if f".{ckpt_part}." in name:
+            return name.replace(f".{ckpt_part}.", f".{our_part}."), shard_id
+    return name, None
+
+
+def _check_complete(module, params, packed, loaded, model_dir) -> None:
+    shards_of: dict[str, list] = {}
+    for our_part, shard_id in packed.values():
+        shards_of.setdefault(our_part, []).append(shard_id)
+    missing = []
+    for name in params:
+        part = name.split(".")[-2] if "." in name else name
+        needed = shards_of.get(part, [None])
+        missing += [f"{name}:{s}" for s in needed if f"{name}:{s}" not in loaded]
+    if missing:
+        shown = ", ".join(m.removesuffix(":None") for m in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"{model_dir}: checkpoint is missing weights: {shown}{more}")
+
+
+def init_dummy_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Random weights in place, generated on the parameters' own device (fast for 8B shapes)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in module.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        elif name.endswith("bias"):
+            param.data.zero_()
+        else:
+            device = param.device
+            if device not in generators:
+                generators[device] = torch.Generator(device=device).manual_seed(seed)
+            param.data.normal_(0.0, std, generator=generators[device])

@@ -1,0 +1,64 @@
+"""What crosses from the engine to a worker for one step, and what comes back.
+
+Plain Python (no torch), slotted and picklable, so the same batch can be handed to an in-process
+model runner or broadcast to the worker actors of a tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """Sampling inputs of one sequence that samples a token this step."""
+
+    seq_id: str
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_logprobs: int | None = None
+    banned_token_ids: list[int] = field(default_factory=list)
+    # Only filled when a penalty is used: the sequence's prompt and generated tokens so far.
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    # Filled when the row asked for logprobs: log-probability of the sampled token under the
+    # model's raw distribution, its rank there (1 = most likely), and the top-k (id, logprob).
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """Flattened inputs of one forward over several sequences.
+
+    Sequence i contributes query_lens[i] tokens (its uncomputed tokens, or a chunk of them) at the
+    end of a context of seq_lens[i] tokens, whose KV lives in block_tables[i].
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    # Index into the sequences above of each row that samples, and its sampling inputs.
+    sample_indices: list[int]
+    sampling_rows: list[SamplingRow]
+    # Sequences that ended since the last step: the worker drops their per-sequence state.
+    finished_seq_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
