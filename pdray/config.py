@@ -57,7 +57,12 @@ class EngineConfig:
             raise bad("dtype", f"must be one of {_DTYPES}")
         if self.device not in _DEVICES and not str(self.device).startswith("cuda:"):
             raise bad("device", f"must be one of {_DEVICES} or 'cuda:N'")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "tensor_parallel_size",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         if self.block_size & (self.block_size - 1):

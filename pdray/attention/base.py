@@ -36,7 +36,11 @@ class AttentionBackend:
     name = "base"
 
     def write_kv(
-        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> None:
         """Store key/value [T, Hkv, D] into kv_cache [2, N, B, Hkv, D] at meta.slot_mapping."""
         num_kv_heads, head_dim = key.shape[1], key.shape[2]

@@ -45,7 +45,9 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(query)
         num_heads = query.shape[1]
         start = 0
-        for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        for i, (query_len, seq_len) in enumerate(
+            zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
+        ):
             k, v = gather_context(kv_cache, meta.block_tables[i], seq_len)
             group = num_heads // k.shape[1]
             q = query[start : start + query_len].transpose(0, 1)  # [Hq, q, D]

@@ -58,7 +58,9 @@ class LLMEngine:
         num_blocks = self.runner.num_blocks_to_allocate(self.max_model_len)
         self._check_cache_fits(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
@@ -125,7 +127,9 @@ class LLMEngine:
             )
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             seqs.append(seq)
-            states.append(SeqOutputState(detok, logprobs=[] if params.logprobs is not None else None))
+            states.append(
+                SeqOutputState(detok, logprobs=[] if params.logprobs is not None else None)
+            )
         return Request(request_id, text, list(token_ids), params, seqs, states)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -264,7 +268,9 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
 
     def _record_logprobs(self, state: SeqOutputState, token: SampledToken) -> None:
-        entry = {token.token_id: Logprob(token.logprob, token.rank, self._decode_one(token.token_id))}
+        entry = {
+            token.token_id: Logprob(token.logprob, token.rank, self._decode_one(token.token_id))
+        }
         for rank, (tid, lp) in enumerate(token.top_logprobs or [], start=1):
             entry.setdefault(tid, Logprob(lp, rank, self._decode_one(tid)))
         state.logprobs.append(entry)
@@ -314,7 +320,10 @@ class LLMEngine:
     # -- decode role ---------------------------------------------------------------------------------
 
     def reserve_remote(
-        self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
     ) -> list[RemoteReservation] | None:
         """Reserve KV blocks for a request prefilled elsewhere. None if the cache is full now."""
         request = self._make_request(request_id, prompt, sampling_params)
@@ -326,7 +335,9 @@ class LLMEngine:
                 return None
             reserved.append(seq)
         self._register(request)
-        return [RemoteReservation(s.seq_id, list(s.block_table), s.num_cached_tokens) for s in reserved]
+        return [
+            RemoteReservation(s.seq_id, list(s.block_table), s.num_cached_tokens) for s in reserved
+        ]
 
     def admit_remote(self, request_id: str, first_token_ids: list[int]) -> RequestOutput:
         """The prompt KV of every sequence is in place: decode from each first token on."""

@@ -47,7 +47,7 @@ class Request:
                 finish_reason=seq.finish_reason.value if seq.finish_reason else None,
                 stop_reason=seq.stop_reason,
             )
-            for seq, state in zip(self.seqs, self.states)
+            for seq, state in zip(self.seqs, self.states, strict=True)
         ]
         metrics = {"arrival_time_s": self.arrival_time_s}
         if self.first_token_time_s is not None:

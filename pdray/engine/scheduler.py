@@ -55,6 +55,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}
         self.awaiting_kv: dict[str, Sequence] = {}
+        self.num_preemptions = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -121,6 +122,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def update_after_step(self, out: SchedulerOutput) -> None:

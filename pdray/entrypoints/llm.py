@@ -32,7 +32,9 @@ class LLM:
         role: str | Role = "mixed",
         **engine_args,
     ):
-        config = EngineConfig.from_kwargs(model, dtype=dtype, device=device, role=role, **engine_args)
+        config = EngineConfig.from_kwargs(
+            model, dtype=dtype, device=device, role=role, **engine_args
+        )
         if config.role is Role.DECODE:
             raise ValueError(
                 "role='decode' engines take requests whose KV a prefill engine computed; "
@@ -68,7 +70,9 @@ class LLM:
         """Generate replies to one conversation or a list, rendered with the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            self.render_chat(c, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+            self.render_chat(
+                c, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
             for c in conversations
         ]
         return self._run(prompts, _as_params_list(sampling_params, len(prompts)), use_tqdm)
@@ -91,7 +95,7 @@ class LLM:
         engine = self.engine
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p in zip(prompts, params, strict=True):
                 request_id = f"offline-{next(self._ids)}"
                 engine.add_request(request_id, prompt, p)
                 ids.append(request_id)

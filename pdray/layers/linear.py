@@ -70,7 +70,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V projections in one matmul; KV heads are replicated when fewer than ranks."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ):
         size = tp_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, size, "attention heads")
@@ -110,4 +112,3 @@ class RowParallelLinear(_Linear):
             size = param.shape[1]
             loaded = loaded.narrow(1, tp_rank() * size, size)
         _copy_into(param.data, loaded, type(self).__name__)
-

@@ -45,7 +45,9 @@ class ModelArch:
 def read_config_json(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
+        raise FileNotFoundError(
+            f"{model_dir}: no config.json (is this a Hugging Face model directory?)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

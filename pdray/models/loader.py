@@ -44,7 +44,12 @@ def load_model_config(model: str) -> tuple[Family, ModelArch, dict]:
 
 
 def build_model(
-    model: str, family: Family, arch: ModelArch, dtype: torch.dtype, device: torch.device, seed: int = 0
+    model: str,
+    family: Family,
+    arch: ModelArch,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
 ) -> nn.Module:
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -70,11 +75,15 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{model_dir}: shard(s) listed in the index are missing: {missing}")
+            raise FileNotFoundError(
+                f"{model_dir}: shard(s) listed in the index are missing: {missing}"
+            )
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (only safetensors is supported)")
+        raise FileNotFoundError(
+            f"{model_dir}: no *.safetensors weights (only safetensors is supported)"
+        )
     return files
 
 
@@ -82,7 +91,7 @@ def iterate_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
+                for name in f:
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: unreadable or corrupt safetensors file ({e})") from None
@@ -102,11 +111,18 @@ def load_weights(module: nn.Module, model_dir: Path) -> None:
                 continue
             raise ValueError(f"{model_dir}: checkpoint tensor {name!r} matches no model parameter")
         try:
-            param.weight_loader(param, tensor.to(param.dtype), shard_id)
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor.to(param.dtype), shard_id)
         except ValueError as e:
             raise ValueError(f"{model_dir}: tensor {name!r}: {e}") from None
         loaded.add(f"{target}:{shard_id}")
     _check_complete(module, params, packed, loaded, model_dir)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+    param.data.copy_(loaded)
 
 
 def _map_name(name: str, packed: dict) -> tuple[str, object]:

@@ -48,7 +48,9 @@ class ModelRunner:
         family, self.arch, _ = load_model_config(config.model)
         self.dtype = resolve_dtype(config.dtype, self.arch.torch_dtype, self.device)
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, family, self.arch, self.dtype, self.device, config.seed)
+        self.model = build_model(
+            config.model, family, self.arch, self.dtype, self.device, config.seed
+        )
         self.attention_layers = self.model.attention_layers()
         self.backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler(self.device)

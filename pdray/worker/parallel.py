@@ -45,5 +45,7 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
-        raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size ({denominator})")
+        raise ValueError(
+            f"{what} ({numerator}) is not divisible by tensor_parallel_size ({denominator})"
+        )
     return numerator // denominator

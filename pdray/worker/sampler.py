@@ -24,6 +24,16 @@ def _uses_penalties(row: SamplingRow) -> bool:
     )
 
 
+def _to_device(
+    values: list[int] | list[float], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    on_host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return on_host
+    # From pinned memory the copy is queued on the stream instead of waiting for it.
+    return on_host.pin_memory().to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -49,10 +59,10 @@ class Sampler:
         return self._results(token_ids, rows, logprob_rows, raw_logprobs)
 
     def _index(self, indices: list[int], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(indices, dtype=torch.long, device=like.device)
+        return _to_device(indices, torch.long, like.device)
 
     def _column(self, values: list[float], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=like.device).unsqueeze(1)
+        return _to_device(values, torch.float32, like.device).unsqueeze(1)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         penalized = [i for i, row in enumerate(rows) if _uses_penalties(row)]
@@ -106,7 +116,9 @@ class Sampler:
                     row_indices.append(row_index)
                     token_ids.append(token_id)
         if token_ids:
-            logits[self._index(row_indices, logits), self._index(token_ids, logits)] = -torch.inf
+            index = (self._index(row_indices, logits), self._index(token_ids, logits))
+            banned = torch.full((len(token_ids),), -torch.inf, device=logits.device)
+            logits.index_put_(index, banned)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
