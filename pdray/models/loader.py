@@ -91,7 +91,7 @@ def iterate_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
-                for name in f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: unreadable or corrupt safetensors file ({e})") from None
