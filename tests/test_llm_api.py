@@ -14,6 +14,7 @@ from pdray.engine.sequence import SequenceStatus
 from pdray.models.dummy import preset_config
 from pdray.models.llama import DecoderForCausalLM
 from pdray.models.registry import resolve_architecture
+from pdray.worker.batch import SampledToken
 
 PROMPTS = [[5, 6, 7, 8, 9], [20, 21], [100, 200, 300, 17, 18, 19, 40, 41]]
 
@@ -240,7 +241,7 @@ def test_decode_role_hooks_continue_a_request(checkpoint):
     for s, d in zip(src[start:], reservation.block_table[start:], strict=True):
         decode.runner.kv_cache[:, :, d] = prefill.runner.kv_cache[:, :, s]
     prefill.release("r")
-    out = decode.admit_remote("r", first[0].outputs[0].token_ids)
+    out = decode.admit_remote("r", [SampledToken(first[0].outputs[0].token_ids[0])])
     while not out.finished:
         out = next((o for o in decode.step() if o.request_id == "r"), out)
     assert out.outputs[0].token_ids == expected

@@ -69,6 +69,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_to_request: dict[str, Request] = {}
         self._finished_seq_ids: list[str] = []
+        # KV transfer (prefill role) watches each step's plan: begin_step(scheduled), end_step().
+        self.step_observer = None
 
     def _max_model_len(self) -> int:
         model_max = self.arch.max_position_embeddings
@@ -193,7 +195,11 @@ class LLMEngine:
             return []
         batch = self._build_batch(out)
         sampling = [item.seq for item in out.scheduled if item.samples]
+        if self.step_observer is not None:
+            self.step_observer.begin_step(out.scheduled)
         sampled = self.runner.execute(batch)
+        if self.step_observer is not None:
+            self.step_observer.end_step()
         self.scheduler.update_after_step(out)
         touched: dict[str, Request] = {}
         now = time.monotonic()
@@ -339,14 +345,32 @@ class LLMEngine:
             RemoteReservation(s.seq_id, list(s.block_table), s.num_cached_tokens) for s in reserved
         ]
 
-    def admit_remote(self, request_id: str, first_token_ids: list[int]) -> RequestOutput:
+    def admit_remote(self, request_id: str, first_tokens: list[SampledToken]) -> RequestOutput:
         """The prompt KV of every sequence is in place: decode from each first token on."""
         request = self.requests[request_id]
         request.first_token_time_s = time.monotonic()
-        for seq, token_id in zip(request.seqs, first_token_ids, strict=True):
+        for seq, token in zip(request.seqs, first_tokens, strict=True):
             self.scheduler.admit_remote(seq.seq_id)
-            self._append_token(request, seq, SampledToken(token_id))
+            self._append_token(request, seq, token)
         output = request.to_output()
         if request.finished:
             self._complete(request)
         return output
+
+    def request_seq_states(self, request_id: str) -> list[tuple[Sequence, SampledToken | None]]:
+        """Each sequence of a request with its first sampled token (prefill hand-off)."""
+        request = self.requests[request_id]
+        result = []
+        for seq, state in zip(request.seqs, request.states, strict=True):
+            token = None
+            if seq.num_output_tokens:
+                token = SampledToken(seq.output_token_ids[0])
+                if state.logprobs:
+                    entry = state.logprobs[0]
+                    chosen = entry[token.token_id]
+                    token.logprob, token.rank = chosen.logprob, chosen.rank
+                    top = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank)
+                    k = seq.sampling_params.logprobs or 0
+                    token.top_logprobs = [(tid, lp) for _, tid, lp in top[:k]]
+            result.append((seq, token))
+        return result

@@ -43,6 +43,16 @@ class Sampler:
         for seq_id in seq_ids:
             self._generators.pop(seq_id, None)
 
+    def export_state(self, seq_id: str) -> bytes | None:
+        """RNG state of a seeded sequence, so another engine continues the same stream."""
+        generator = self._generators.get(seq_id)
+        return None if generator is None else bytes(generator.get_state().tolist())
+
+    def import_state(self, seq_id: str, state: bytes) -> None:
+        generator = torch.Generator(device=self.device)
+        generator.set_state(torch.tensor(list(state), dtype=torch.uint8))
+        self._generators[seq_id] = generator
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")

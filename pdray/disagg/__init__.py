@@ -1,0 +1,1 @@
+"""Prefill and decode engine drivers that speak the KV hand-off protocol (no Ray needed)."""

@@ -1,0 +1,175 @@
+"""Decode side of KV transfer: leases on reserved blocks and fenced application of incoming KV.
+
+Ticket state machine (one per reservation, keyed by (request_id, generation)):
+
+  LIVE --all chunks applied + Handoff--> COMPLETE   (engine thread admits the request)
+  LIVE --deadline passed---------------> EXPIRED    (engine thread frees blocks, applies policy)
+  LIVE --TransferAbort / revoke--------> FAILED     (same)
+
+Messages for a ticket that is not LIVE (late writes, old generations) are dropped and counted;
+`revoke` takes the ticket's lock, so once it returns no copy into its blocks is running or can
+start: only then may the engine free them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pdray.kv_transfer.base import Handoff, LayerChunk, Message, Ticket, TransferAbort
+from pdray.kv_transfer.metrics import TransferMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class TicketState(enum.Enum):
+    LIVE = "live"
+    COMPLETE = "complete"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+@dataclass
+class _Entry:
+    ticket: Ticket
+    state: TicketState = TicketState.LIVE
+    allowed_blocks: dict[str, set[int]] = field(default_factory=dict)
+    chunks_applied: dict[str, int] = field(default_factory=dict)
+    handoffs: dict[str, Handoff] = field(default_factory=dict)
+    error: str | None = None
+    num_bytes: int = 0
+    start_s: float = field(default_factory=time.monotonic)
+
+
+class KVReceiver:
+    def __init__(self, kv_cache: torch.Tensor, metrics: TransferMetrics | None = None):
+        self.kv_cache = kv_cache
+        self.metrics = metrics or TransferMetrics()
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], _Entry] = {}
+        self._ready: list[_Entry] = []
+        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+
+    def expect(self, ticket: Ticket) -> None:
+        entry = _Entry(ticket)
+        for seq in ticket.seqs:
+            first = seq.num_cached_tokens // self.kv_cache.shape[3]
+            entry.allowed_blocks[seq.seq_id] = set(seq.block_table[first:])
+            entry.chunks_applied[seq.seq_id] = 0
+        with self._lock:
+            self._entries[(ticket.request_id, ticket.generation)] = entry
+
+    # -- transport thread ----------------------------------------------------------------------
+
+    def on_message(self, message: Message, payload: list[torch.Tensor]) -> None:
+        key = (message.request_id, message.generation)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.state is TicketState.LIVE:
+                self._expire_if_due(entry, time.time())
+            if entry is None or entry.state is not TicketState.LIVE:
+                self.metrics.dropped_messages += 1
+                logger.debug("dropped %s for %s: no live ticket", type(message).__name__, key)
+                return
+            try:
+                self._apply(entry, message, payload)
+            except Exception as e:  # a bad message fails its ticket, never the receiver
+                entry.state, entry.error = TicketState.FAILED, f"bad transfer: {e}"
+                self._ready.append(entry)
+
+    def _apply(self, entry: _Entry, message: Message, payload: list[torch.Tensor]) -> None:
+        if isinstance(message, TransferAbort):
+            entry.state, entry.error = TicketState.FAILED, message.reason
+            self._ready.append(entry)
+            return
+        if isinstance(message, Handoff):
+            entry.handoffs[message.seq_id] = message
+        else:
+            self._copy(entry, message, payload)
+            entry.chunks_applied[message.seq_id] += 1
+        if self._complete(entry):
+            entry.state = TicketState.COMPLETE
+            self._ready.append(entry)
+
+    def _copy(self, entry: _Entry, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
+        allowed = entry.allowed_blocks[chunk.seq_id]
+        if len(payload) != 2 * len(chunk.runs):
+            raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
+        for i, (_, dst, n) in enumerate(chunk.runs):
+            if any(b not in allowed for b in range(dst, dst + n)):
+                raise ValueError(f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}")
+            layer = self.kv_cache[chunk.layer]
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    layer[0, dst : dst + n].copy_(payload[2 * i], non_blocking=True)
+                    layer[1, dst : dst + n].copy_(payload[2 * i + 1], non_blocking=True)
+            else:
+                layer[0, dst : dst + n].copy_(payload[2 * i])
+                layer[1, dst : dst + n].copy_(payload[2 * i + 1])
+            entry.num_bytes += 2 * payload[2 * i].nbytes
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def _complete(self, entry: _Entry) -> bool:
+        return len(entry.handoffs) == len(entry.ticket.seqs) and all(
+            entry.chunks_applied[seq_id] == h.num_chunks for seq_id, h in entry.handoffs.items()
+        )
+
+    # -- engine thread ---------------------------------------------------------------------------
+
+    def poll(
+        self, now_s: float | None = None
+    ) -> list[tuple[Ticket, TicketState, dict, str | None]]:
+        """Tickets that completed, failed or expired since the last poll (each reported once).
+
+        For COMPLETE the dict maps seq_id -> Handoff; expired tickets are revoked here.
+        """
+        now_s = time.time() if now_s is None else now_s
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.state is TicketState.LIVE:
+                    self._expire_if_due(entry, now_s)
+            reported = []
+            for entry in self._ready:
+                key = (entry.ticket.request_id, entry.ticket.generation)
+                if self._entries.pop(key, None) is entry:  # not revoked meanwhile
+                    self._record(entry)
+                    reported.append(entry)
+            self._ready = []
+        return [(e.ticket, e.state, e.handoffs, e.error) for e in reported]
+
+    def _expire_if_due(self, entry: _Entry, now_s: float) -> None:
+        if now_s > entry.ticket.deadline_s:
+            entry.state, entry.error = TicketState.EXPIRED, "KV transfer lease expired"
+            self._ready.append(entry)
+
+    def revoke(self, request_id: str, generation: int, reason: str = "revoked") -> bool:
+        """Stop accepting KV for a ticket. After this returns its blocks may be freed."""
+        with self._lock:
+            entry = self._entries.pop((request_id, generation), None)
+            if entry is None:
+                return False
+            entry.state, entry.error = TicketState.FAILED, reason
+            self._record(entry)
+            return True
+
+    def _record(self, entry: _Entry) -> None:
+        m = self.metrics
+        if entry.state is TicketState.COMPLETE:
+            m.completed += 1
+            m.bytes_received += entry.num_bytes
+            m.transfer_time_s += time.monotonic() - entry.start_s
+        elif entry.state is TicketState.EXPIRED:
+            m.expired_leases += 1
+        else:
+            m.failures += 1
+
+    @property
+    def num_live(self) -> int:
+        with self._lock:
+            return len(self._entries)

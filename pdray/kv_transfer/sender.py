@@ -1,0 +1,195 @@
+"""Prefill side of KV transfer: streams each layer's new KV blocks while the forward runs.
+
+Per ticketed sequence:  add_ticket -> (each step) begin_step -> on_layer x num_layers -> end_step
+                        -> handoff (first token, after every chunk) -> flush -> engine releases.
+Blocks already on the decode side (its prefix hits) are never sent. Only full blocks are sent
+until the step that completes the prompt, which also sends the partial last block, so no block
+is sent twice. On GPU a layer's chunk is sent from a thread once a CUDA event says it is written,
+so the transfer overlaps the rest of the forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from pdray.engine.scheduler import ScheduledSeq
+from pdray.kv_transfer.base import (
+    Handoff,
+    KVTransport,
+    LayerChunk,
+    SeqTicket,
+    Ticket,
+    TransferAbort,
+    TransferError,
+    merge_runs,
+)
+from pdray.kv_transfer.metrics import TransferMetrics
+from pdray.worker.batch import SampledToken
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _SeqSend:
+    ticket: Ticket
+    seq_ticket: SeqTicket
+    sent_upto: int  # blocks [0, sent_upto) are on the decode side
+    num_chunks: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Planned:
+    state: _SeqSend
+    src_table: list[int]
+    start: int
+    end: int
+
+
+class KVSender:
+    def __init__(
+        self,
+        transport: KVTransport,
+        kv_cache: torch.Tensor,
+        metrics: TransferMetrics | None = None,
+    ):
+        self.transport = transport
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.shape[3]
+        self.metrics = metrics or TransferMetrics(transport=transport.kind.value)
+        self._seqs: dict[str, _SeqSend] = {}
+        self._plan: list[_Planned] = []
+        self._connected: set[str] = set()
+        self._queue: queue.Queue | None = None
+        if kv_cache.is_cuda:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._send_loop, daemon=True, name="kv-sender").start()
+
+    def add_ticket(self, ticket: Ticket) -> None:
+        peer = ticket.receiver
+        if peer.engine_id not in self._connected:
+            self.transport.connect(peer)
+            self._connected.add(peer.engine_id)
+        for seq in ticket.seqs:
+            first = seq.num_cached_tokens // self.block_size
+            self._seqs[seq.seq_id] = _SeqSend(ticket, seq, first)
+
+    def has_ticket(self, seq_id: str) -> bool:
+        return seq_id in self._seqs
+
+    # -- during a step -------------------------------------------------------------------------
+
+    def begin_step(self, scheduled: list[ScheduledSeq]) -> None:
+        self._plan = []
+        for item in scheduled:
+            state = self._seqs.get(item.seq.seq_id)
+            if state is None:
+                continue
+            seq = item.seq
+            if item.samples:
+                end = -(-seq.num_prompt_tokens // self.block_size)
+            else:
+                end = (seq.num_computed_tokens + item.num_new_tokens) // self.block_size
+            if end > state.sent_upto:
+                self._plan.append(_Planned(state, list(seq.block_table), state.sent_upto, end))
+
+    def on_layer(self, layer: int) -> None:
+        if not self._plan:
+            return
+        event = None
+        if self._queue is not None:
+            event = torch.cuda.Event()
+            event.record()
+        for p in self._plan:
+            dst_table = p.state.seq_ticket.block_table
+            runs = merge_runs(p.src_table[p.start : p.end], dst_table[p.start : p.end])
+            payload = []
+            for run in runs:
+                blocks = slice(run.src, run.src + run.num_blocks)
+                payload += [self.kv_cache[layer, 0, blocks], self.kv_cache[layer, 1, blocks]]
+            ticket = p.state.ticket
+            chunk = LayerChunk(
+                request_id=ticket.request_id, generation=ticket.generation,
+                seq_id=p.state.seq_ticket.seq_id, layer=layer,
+                runs=[(r.src, r.dst, r.num_blocks) for r in runs],
+            )  # fmt: skip
+            p.state.num_chunks += 1
+            self.metrics.chunks_sent += 1
+            self.metrics.bytes_sent += sum(t.nbytes for t in payload)
+            self._send(ticket.receiver.engine_id, chunk, payload, event, p.state)
+
+    def end_step(self) -> None:
+        for p in self._plan:
+            p.state.sent_upto = p.end
+        self._plan = []
+
+    # -- after the first token -----------------------------------------------------------------
+
+    def handoff(self, seq_id: str, token: SampledToken, sampler_state: bytes | None) -> str:
+        """Send the first token of a sequence; returns the peer to flush before releasing."""
+        state = self._seqs.pop(seq_id)
+        ticket = state.ticket
+        if self._queue is not None:
+            self._queue.join()  # every chunk of this sequence has been handed to the transport
+        if state.error is not None:
+            raise TransferError(f"sending KV of {seq_id} failed: {state.error}")
+        message = Handoff(
+            request_id=ticket.request_id, generation=ticket.generation, seq_id=seq_id,
+            num_chunks=state.num_chunks, first_token_id=token.token_id, logprob=token.logprob,
+            rank=token.rank, top_logprobs=token.top_logprobs, sampler_state=sampler_state,
+        )  # fmt: skip
+        self.transport_send_now(ticket.receiver.engine_id, message)
+        return ticket.receiver.engine_id
+
+    def abort(self, ticket: Ticket, reason: str) -> None:
+        for seq in ticket.seqs:
+            self._seqs.pop(seq.seq_id, None)
+        message = TransferAbort(
+            request_id=ticket.request_id, generation=ticket.generation, reason=reason
+        )
+        try:
+            self.transport_send_now(ticket.receiver.engine_id, message)
+        except Exception as e:  # the peer may be gone; its lease expires anyway
+            logger.warning("could not tell %s about the abort: %s", ticket.receiver.engine_id, e)
+
+    def flush(self, peer_id: str, timeout_s: float) -> None:
+        if self._queue is not None:
+            self._queue.join()
+        self.transport.flush(peer_id, timeout_s)
+
+    def transport_send_now(self, peer_id: str, message) -> None:
+        """Send a control message after everything queued before it (order per peer kept)."""
+        if self._queue is not None:
+            self._queue.join()
+        self.transport.send(peer_id, message, [])
+
+    def _send(self, peer_id, message, payload, event, state: _SeqSend) -> None:
+        if self._queue is not None:
+            self._queue.put((peer_id, message, payload, event, state))
+            return
+        try:
+            self.transport.send(peer_id, message, payload)
+        except Exception as e:  # never break the forward: the hand-off reports it
+            self._failed(state, peer_id, e)
+
+    def _failed(self, state: _SeqSend, peer_id: str, error: Exception) -> None:
+        self.metrics.failures += 1
+        state.error = state.error or f"{type(error).__name__}: {error}"
+        logger.warning("KV send to %s failed: %s", peer_id, error)
+
+    def _send_loop(self) -> None:
+        while True:
+            peer_id, message, payload, event, state = self._queue.get()
+            try:
+                if event is not None:
+                    event.synchronize()
+                self.transport.send(peer_id, message, payload)
+            except Exception as e:
+                self._failed(state, peer_id, e)
+            finally:
+                self._queue.task_done()
