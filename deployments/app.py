@@ -1,0 +1,82 @@
+"""`build_app(args)`: the application serve_config.yaml imports.
+
+    applications:
+      - name: pdray
+        import_path: deployments.app:build_app
+        args: {model: dummy:tiny, prefill: {replicas: 1}, decode: {replicas: 1}}
+
+Validates args (a bad key fails at start, naming it) and binds Router, Prefill, Decode, Mixed,
+and RedisHost (a private redis-server) when no redis_url is given.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from deployments.args import AppArgs
+from deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
+from deployments.redis_host import RedisHost
+from deployments.replica import PDReplica
+from deployments.router import DEPLOYMENT_NAMES, Router, build_router_app
+from deployments.routing import ReplicaIdRouter
+from pdray.config import Role
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(args: dict) -> AppArgs:
+    try:
+        return AppArgs(**(args or {}))
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"invalid pdray app args: {problems}") from None
+
+
+def _gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_app(args: dict) -> serve.Application:
+    app_args = parse_args(args)
+    plain = app_args.model_dump(mode="json")
+    on_gpu = app_args.device != "cpu" and _gpu_available()
+    engines = {}
+    for role in (Role.PREFILL, Role.DECODE, Role.MIXED):
+        role_args = getattr(app_args, role.value)
+        if role_args.replicas == 0:
+            continue
+        num_gpus = role_args.num_gpus if role_args.num_gpus is not None else (0.5 if on_gpu else 0)
+        deployment = serve.deployment(PDReplica).options(
+            name=DEPLOYMENT_NAMES[role],
+            num_replicas=role_args.replicas,
+            ray_actor_options={"num_cpus": role_args.num_cpus, "num_gpus": num_gpus},
+            max_ongoing_requests=1024,
+            request_router_config=RequestRouterConfig(request_router_class=ReplicaIdRouter),
+            health_check_period_s=5,
+        )
+        engines[role.value] = deployment.bind(plain, role.value)
+    if app_args.redis_url is None:
+        host = serve.deployment(RedisHost).options(
+            name=REDIS_HOST, num_replicas=1, ray_actor_options={"num_cpus": 0}
+        )
+        engines["redis"] = host.bind()
+
+    def router_app():  # a plain function: Ray Serve calls it in each router replica
+        return build_router_app(plain)
+
+    ingress = serve.ingress(router_app)(Router)
+    router = serve.deployment(ingress).options(
+        name="Router",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=4096,
+    )
+    return router.bind(**engines)

@@ -1,0 +1,142 @@
+"""The Ray Serve deployment of one engine instance (prefill, decode or mixed role).
+
+Every method takes `replica_id` (used by ReplicaIdRouter to deliver the call here; ignored in the
+body). A heartbeat thread publishes this instance's InstanceRecord to Redis every TTL/3 seconds;
+if the engine thread dies the health check fails and Ray Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from ray import serve
+
+from deployments.args import AppArgs
+from deployments.engine_replica import (
+    _abort,
+    hostname,
+    make_engine_thread,
+    params_from,
+    stream_outputs,
+)
+from deployments.redis_host import resolve_redis_url
+from pdray.config import Role
+from pdray.engine.sequence import SequenceStatus
+from pdray.kv_transfer.base import Ticket
+from pdray.router.store import InstanceRecord
+
+logger = logging.getLogger(__name__)
+
+
+class PDReplica:
+    def __init__(self, args: dict, role: str):
+        self.args = AppArgs(**args)
+        self.role = Role(role)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.thread, self.worker = make_engine_thread(self.role, self.args, self.replica_id)
+        self.engine = self.thread.engine
+        self._streams: dict = {}
+        self._key = f"pdray:{self.args.app_name}:instance:{self.replica_id}"
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat_loop, daemon=True, name="pdray-heartbeat").start()
+
+    # -- calls from the router -------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
+        loop = asyncio.get_running_loop()
+        stream = self.thread.open_stream(request_id, loop)
+        future = self.thread.call(
+            lambda: self.engine.add_request(request_id, prompt, params_from(params))
+        )
+        await asyncio.wrap_future(future)
+        async for output in stream_outputs(self.thread, request_id, stream):
+            yield output
+
+    async def reserve(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
+        stream = self.thread.open_stream(request_id, asyncio.get_running_loop())
+        future = self.thread.call(
+            lambda: self.worker.reserve(request_id, prompt, params_from(params))
+        )
+        ticket = await asyncio.wrap_future(future)
+        if ticket is None:
+            self.thread.call(lambda: self.thread._streams.pop(request_id, None))
+            return None
+        self._streams[request_id] = stream
+        return ticket.model_dump(mode="json")
+
+    async def stream(self, request_id: str, replica_id: str | None = None):
+        stream = self._streams.pop(request_id)
+        async for output in stream_outputs(self.thread, request_id, stream):
+            yield output
+
+    async def prefill(self, request_id: str, prompt, params: dict, ticket: dict, replica_id=None):
+        """Returns None once the KV and first token are handed off, else the error text."""
+        waiter = self.thread.wait_prefill(request_id)
+        submit = self.thread.call(
+            lambda: self.worker.submit(request_id, prompt, params_from(params), Ticket(**ticket))
+        )
+        try:
+            await asyncio.wrap_future(submit)
+        except Exception as e:
+            self.thread.call(lambda: self.thread._waiters.pop(request_id, None))
+            return f"{type(e).__name__}: {e}"
+        return await asyncio.wrap_future(waiter)
+
+    async def abort(self, request_id: str, replica_id: str | None = None) -> None:
+        self._streams.pop(request_id, None)
+        await asyncio.wrap_future(self.thread.call(lambda: _abort(self.thread, request_id)))
+
+    async def stats(self, replica_id: str | None = None) -> dict:
+        return self._record().model_dump(mode="json")
+
+    def check_health(self) -> None:
+        if not self.thread.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    # -- heartbeat -------------------------------------------------------------------------------
+
+    def _record(self) -> InstanceRecord:
+        scheduler = self.engine.scheduler
+        waiting = list(scheduler.waiting)
+        running = list(scheduler.running)
+        queued = sum(
+            s.num_uncomputed_tokens
+            for s in waiting + running
+            if s.status is not SequenceStatus.FINISHED and s.num_output_tokens == 0
+        )
+        descriptor = getattr(self.worker, "descriptor", None)
+        return InstanceRecord(
+            instance_id=self.replica_id,
+            role=self.role,
+            host=hostname(),
+            address={"replica_id": self.replica_id},
+            kv_transport={} if descriptor is None else descriptor.model_dump(mode="json"),
+            queued_prefill_tokens=queued,
+            running_requests=len(running),
+            waiting_requests=len(waiting) + len(getattr(self.worker, "pending", {})),
+            free_kv_blocks=self.engine.num_free_blocks,
+            total_kv_blocks=self.engine.block_manager.num_blocks,
+            block_size=self.engine.config.block_size,
+            time_s=time.time(),
+        )
+
+    def _heartbeat_loop(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(resolve_redis_url(self.args.redis_url))
+        key = self._key
+        ttl_ms = int(self.args.scheduler_ttl_s * 1000)
+        while self.thread.alive:  # a dead engine stops heartbeating: its record expires
+            try:
+                client.set(key, self._record().model_dump_json(), px=ttl_ms)
+            except Exception as e:
+                logger.warning("heartbeat to Redis failed: %s", e)
+            if self._stop.wait(self.args.scheduler_ttl_s / 3):
+                break
+        client.delete(key)

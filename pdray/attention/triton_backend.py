@@ -1,0 +1,139 @@
+"""Triton paged attention (the CUDA default), and vLLM's flash-attention when that package imports.
+
+Per step the Triton backend picks one kernel:
+- every sequence decodes one token -> split-KV paged decode (`kernels.paged_decode`), launched
+  from device tensors only, so a decode step can be captured in a CUDA graph;
+- fresh prompts (no cached context) of at least `SDPA_MIN_TOKENS` tokens -> torch's SDPA per
+  sequence on K/V read back from the cache (faster than the Triton prefill there; measured, see
+  docs/performance.md);
+- anything else (chunked prefill, prefix-cache hits, mixed batches) -> paged prefill.
+Imported only on CUDA hosts: the registry imports this module lazily.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.kv_write import write_kv
+from kernels.paged_decode import choose_num_splits, paged_decode_attention
+from kernels.paged_prefill import paged_prefill_attention
+from pdray.attention.base import AttentionBackend, AttentionMetadata
+
+SDPA_MIN_TOKENS = 1024
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        self.num_sms = props.multi_processor_count
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        write_kv(key, value, kv_cache, meta.slot_mapping)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        if meta.max_query_len == 1:
+            num_splits = choose_num_splits(
+                query.shape[0], kv_cache.shape[3], meta.max_seq_len, self.num_sms
+            )
+            return paged_decode_attention(
+                query, kv_cache, meta.block_tables, meta.seq_lens, scale, sliding_window, num_splits
+            )
+        if self._fresh_prompts(meta, sliding_window):
+            return self._sdpa(query, kv_cache, meta, scale)
+        return paged_prefill_attention(
+            query,
+            kv_cache,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_query_len,
+            scale,
+            sliding_window,
+        )
+
+    @staticmethod
+    def _fresh_prompts(meta: AttentionMetadata, sliding_window: int | None) -> bool:
+        if meta.max_query_len < SDPA_MIN_TOKENS or meta.query_lens_cpu != meta.seq_lens_cpu:
+            return False
+        return sliding_window is None or meta.max_seq_len <= sliding_window
+
+    @staticmethod
+    def _sdpa(
+        query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(query)
+        block_size = kv_cache.shape[2]
+        start = 0
+        for i, seq_len in enumerate(meta.seq_lens_cpu):
+            blocks = meta.block_tables[i, : -(-seq_len // block_size)].long()
+            k = kv_cache[0, blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, L, D]
+            v = kv_cache[1, blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+            q = query[start : start + seq_len].transpose(0, 1)  # [Hq, L, D]
+            o = F.scaled_dot_product_attention(
+                q.unsqueeze(0),
+                k.unsqueeze(0),
+                v.unsqueeze(0),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
+            )  # [1, Hq, L, D]
+            out[start : start + seq_len] = o[0].transpose(0, 1)
+            start += seq_len
+        return out
+
+
+class VllmFlashAttnBackend(TritonAttentionBackend):
+    """vLLM's flash-attention over the same paged cache (block_size a multiple of 16).
+
+    Only offered when `vllm_flash_attn` imports; it was not installed on the machines this was
+    measured on, so it carries no measured figures.
+    """
+
+    name = "vllm_flash_attn"
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        super().__init__(device)
+        from vllm_flash_attn import flash_attn_varlen_func
+
+        self._flash = flash_attn_varlen_func
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+        return self._flash(
+            q=query,
+            k=kv_cache[0],
+            v=kv_cache[1],
+            cu_seqlens_q=meta.query_start_loc,
+            seqused_k=meta.seq_lens,
+            max_seqlen_q=meta.max_query_len,
+            max_seqlen_k=meta.max_seq_len,
+            softmax_scale=scale,
+            causal=True,
+            window_size=window,
+            block_table=meta.block_tables,
+        )

@@ -1,0 +1,430 @@
+"""Engine benchmark on one GPU: decode and prefill times as ratios to this GPU's measured limits.
+
+    python -m pdray.bench.engine --model dummy:llama3-8b --out bench_engine.json
+
+In one run it measures the GPU's HBM read bandwidth and bf16 matmul rate, then times the model
+runner: decode steps at several batch sizes over a fixed context (graph replay + LM head + sampling,
+the way the runner decodes with CUDA graphs; and the runner's eager `execute` for comparison),
+one-prompt prefills, and transformers' own `generate` at batch 1 on the same weights. Bounds:
+decode = (weight bytes + KV bytes read) / read bandwidth; prefill = FLOPs / matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pdray.config import EngineConfig
+from pdray.worker.batch import SamplingRow, StepBatch
+from pdray.worker.cuda_graph import DecodeCudaGraphs
+from pdray.worker.model_runner import ModelRunner
+
+
+def measure_matmul_tflops(size: int = 8192) -> float:
+    """bf16 matmul rate of the current GPU on random data, TFLOP/s (median of do_bench)."""
+    import triton.testing
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def hf_decode_ms_per_token(runner: ModelRunner, context_len: int, new_tokens: int = 32) -> float:
+    """transformers' `generate` (greedy, batch 1) on the runner's weights: ms per decoded token,
+    (time for 1 + new_tokens tokens - time for 1) / new_tokens after a prompt of context_len."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = runner.arch
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(runner.dtype)
+    try:
+        with torch.device(runner.device):
+            hf = LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=arch.vocab_size,
+                    hidden_size=arch.hidden_size,
+                    intermediate_size=arch.intermediate_size,
+                    num_hidden_layers=arch.num_layers,
+                    num_attention_heads=arch.num_heads,
+                    num_key_value_heads=arch.num_kv_heads,
+                    max_position_embeddings=arch.max_position_embeddings,
+                    rms_norm_eps=arch.rms_norm_eps,
+                    tie_word_embeddings=arch.tie_word_embeddings,
+                )
+            ).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    _copy_weights_to_hf(runner.model, hf)
+    ids = torch.randint(3, arch.vocab_size, (1, context_len), device=runner.device)
+
+    def generate(n: int, hf=hf) -> None:
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
+
+    with torch.inference_mode():
+        one = _wall_median_ms(lambda: generate(1), 3, warmup=1)
+        many = _wall_median_ms(lambda: generate(1 + new_tokens), 3, warmup=1)
+    del hf
+    torch.cuda.empty_cache()
+    return (many - one) / new_tokens
+
+
+@torch.no_grad()
+def _copy_weights_to_hf(model, hf) -> None:
+    ours = model.model
+    hf.model.embed_tokens.weight.copy_(ours.embed_tokens.weight)
+    hf.model.norm.weight.copy_(ours.norm.weight)
+    hf.lm_head.weight.copy_(model.lm_head.weight)
+    for mine, theirs in zip(ours.layers, hf.model.layers, strict=True):
+        attn, mlp = mine.self_attn, mine.mlp
+        q, k, v = attn.qkv_proj.weight.split(
+            [attn.qkv_proj.q_size, attn.qkv_proj.kv_size, attn.qkv_proj.kv_size]
+        )
+        theirs.self_attn.q_proj.weight.copy_(q)
+        theirs.self_attn.k_proj.weight.copy_(k)
+        theirs.self_attn.v_proj.weight.copy_(v)
+        theirs.self_attn.o_proj.weight.copy_(attn.o_proj.weight)
+        gate, up = mlp.gate_up_proj.weight.chunk(2)
+        theirs.mlp.gate_proj.weight.copy_(gate)
+        theirs.mlp.up_proj.weight.copy_(up)
+        theirs.mlp.down_proj.weight.copy_(mlp.down_proj.weight)
+        theirs.input_layernorm.weight.copy_(mine.input_layernorm.weight)
+        theirs.post_attention_layernorm.weight.copy_(mine.post_attention_layernorm.weight)
+
+
+def install_fused_ops(model) -> None:
+    """Route RMSNorm, rotary and SiLU-and-mul through `kernels.fused` (a preview of wiring them
+    into pdray.layers on CUDA)."""
+    from kernels import fused
+    from pdray.layers.activation import SiluAndMul
+    from pdray.layers.norm import RMSNorm
+    from pdray.layers.rotary import RotaryEmbedding
+
+    def norm_forward(x, residual=None, m=None):
+        if residual is None:
+            return fused.rms_norm(x.reshape(-1, x.shape[-1]), m.weight, m.eps).view(x.shape)
+        return fused.rms_norm(x, m.weight, m.eps, residual)
+
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward = functools.partial(norm_forward, m=m)
+        elif isinstance(m, RotaryEmbedding):
+            m.forward = functools.partial(_fused_rotary, m=m)
+        elif isinstance(m, SiluAndMul):
+            m.forward = fused.silu_and_mul
+
+
+def _fused_rotary(positions, q, k, m):
+    from kernels import fused
+
+    return fused.rotary(positions, q, k, m.cos, m.sin, m.interleaved)
+
+
+def _median_ms(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _wall_median_ms(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def decode_batch(num_seqs: int, context_len: int, block_size: int) -> StepBatch:
+    """num_seqs sequences, each decoding token `context_len` over disjoint contiguous blocks."""
+    blocks_per_seq = -(-context_len // block_size)
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(num_seqs)]
+    pos = context_len - 1
+    return StepBatch(
+        input_ids=[7] * num_seqs,
+        positions=[pos] * num_seqs,
+        slot_mapping=[t[pos // block_size] * block_size + pos % block_size for t in tables],
+        query_lens=[1] * num_seqs,
+        seq_lens=[context_len] * num_seqs,
+        block_tables=tables,
+        sample_indices=list(range(num_seqs)),
+        sampling_rows=[SamplingRow(seq_id=f"s{i}", temperature=0.0) for i in range(num_seqs)],
+    )
+
+
+def prefill_batch(prompt_len: int, block_size: int) -> StepBatch:
+    table = list(range(-(-prompt_len // block_size)))
+    return StepBatch(
+        input_ids=[(i * 7919) % 100_000 + 3 for i in range(prompt_len)],
+        positions=list(range(prompt_len)),
+        slot_mapping=list(range(prompt_len)),
+        query_lens=[prompt_len],
+        seq_lens=[prompt_len],
+        block_tables=[table],
+        sample_indices=[0],
+        sampling_rows=[SamplingRow(seq_id="p", temperature=0.0)],
+    )
+
+
+def model_counts(runner: ModelRunner) -> dict[str, int]:
+    """Bytes of weights a decode step reads, and matmul FLOPs per token (linear layers)."""
+    arch = runner.arch
+    read_bytes = 0
+    linear_params = 0
+    for name, p in runner.model.named_parameters():
+        if name.endswith("embed_tokens.weight"):
+            continue  # a step reads only its tokens' rows
+        read_bytes += p.numel() * p.element_size()
+        if p.dim() == 2 and "lm_head" not in name:
+            linear_params += p.numel()
+    layer = runner.attention_layers[0]
+    return {
+        "weight_read_bytes": read_bytes,
+        "linear_params": linear_params,
+        "lm_head_params": arch.vocab_size * arch.hidden_size,
+        "kv_bytes_per_token": 2
+        * len(runner.attention_layers)
+        * layer.num_kv_heads
+        * layer.head_dim
+        * runner.dtype.itemsize,
+        "attn_width": layer.num_heads * layer.head_dim,
+        "num_layers": len(runner.attention_layers),
+    }
+
+
+def prefill_flops(counts: dict[str, int], prompt_len: int) -> float:
+    linear = 2.0 * prompt_len * counts["linear_params"] + 2.0 * counts["lm_head_params"]
+    # QK^T and PV over the causal half: 2 matmuls x 2 FLOPs x T^2 / 2 x Hq * D, per layer
+    attention = 2.0 * prompt_len * prompt_len * counts["attn_width"] * counts["num_layers"]
+    return linear + attention
+
+
+def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, iters):
+    rows = []
+    bs = runner.config.block_size
+    for n in batch_sizes:
+        batch = decode_batch(n, context_len, bs)
+        sample_rows = torch.arange(n, device=runner.device)
+
+        def replay_only(batch=batch):
+            graphs.graphs[
+                next(b for b in graphs.batch_sizes if b >= len(batch.query_lens))
+            ].replay()
+
+        def graph_step(batch=batch, sample_rows=sample_rows):
+            hidden = graphs.run(batch)
+            logits = runner.model.compute_logits(hidden[sample_rows]).float()
+            return runner.sampler(logits, batch.sampling_rows)
+
+        graphs.run(batch)  # stage this batch's inputs for replay_only
+        gpu_ms = _median_ms(replay_only, iters)
+        step_ms = _wall_median_ms(graph_step, iters)
+        eager_ms = _wall_median_ms(lambda batch=batch: runner.execute(batch), max(3, iters // 4))
+        kv_bytes = n * context_len * counts["kv_bytes_per_token"]
+        bound_ms = (counts["weight_read_bytes"] + kv_bytes) / (read_gbps * 1e9) * 1e3
+        rows.append({
+            "batch": n,
+            "context_len": context_len,
+            "bound_ms": bound_ms,
+            "graph_replay_ms": gpu_ms,
+            "step_ms": step_ms,
+            "eager_step_ms": eager_ms,
+            "step_over_bound": step_ms / bound_ms,
+            "bound_fraction": bound_ms / step_ms,
+            "replay_bound_fraction": bound_ms / gpu_ms,
+        })  # fmt: skip
+        print(f"decode b={n:4d} ctx={context_len}: step {step_ms:7.3f} ms (replay {gpu_ms:7.3f}, "
+              f"eager {eager_ms:7.3f}), bound {bound_ms:7.3f} ms, "
+              f"bound/step {bound_ms / step_ms:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def bench_prefill(runner, counts, prompt_lens, matmul_tflops, iters):
+    rows = []
+    for n in prompt_lens:
+        batch = prefill_batch(n, runner.config.block_size)
+        ms = _wall_median_ms(lambda batch=batch: runner.execute(batch), iters)
+        flops = prefill_flops(counts, n)
+        bound_ms = flops / (matmul_tflops * 1e12) * 1e3
+        rows.append({
+            "prompt_len": n, "ms": ms, "flops": flops, "bound_ms": bound_ms,
+            "matmul_fraction": bound_ms / ms, "achieved_tflops": flops / ms / 1e9,
+        })  # fmt: skip
+        print(f"prefill {n:5d} tokens: {ms:8.2f} ms, bound {bound_ms:7.2f} ms, "
+              f"fraction of matmul {bound_ms / ms:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def bench_attention(runner, counts, context_len, prompt_lens, read_gbps, matmul_tflops):
+    """One layer's attention alone: decode at batch 64 against the KV bytes it must read, and a
+    fresh prompt through the Triton prefill kernel against SDPA's backends (the measured pick)."""
+    import triton.testing
+
+    from kernels.paged_decode import choose_num_splits, paged_decode_attention
+
+    layer = runner.attention_layers[0]
+    cache, bs, dev = layer.kv_cache, runner.config.block_size, runner.device
+    hq, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    out: dict = {}
+    n = 64
+    batch = decode_batch(n, context_len, bs)
+    q = torch.randn(n, hq, d, device=dev, dtype=runner.dtype)
+    tables = torch.tensor(batch.block_tables, dtype=torch.int32, device=dev)
+    lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev)
+    splits = choose_num_splits(n, hkv, context_len, runner.backend.num_sms)
+    ms = triton.testing.do_bench(
+        lambda: paged_decode_attention(q, cache, tables, lens, d**-0.5, None, splits),
+        return_mode="median",
+    )
+    kv_bytes = n * context_len * counts["kv_bytes_per_token"] / counts["num_layers"]
+    out["decode_b64_ms"] = ms
+    out["decode_b64_bandwidth_fraction"] = kv_bytes / (ms * 1e-3) / (read_gbps * 1e9)
+    print(f"decode attention b=64 ctx={context_len}: {ms * 1e3:.1f} us, "
+          f"{out['decode_b64_bandwidth_fraction']:.3f} of read bandwidth", flush=True)  # fmt: skip
+    for t in prompt_lens:
+        for name, ms in _prefill_attention_ms(runner, t).items():
+            out[f"prefill_{t}_{name}_ms"] = ms
+            tflops = 2.0 * t * t * hq * d / ms / 1e9 if ms == ms else float("nan")
+            print(f"prefill attention {t} tokens {name}: {ms * 1e3:8.1f} us, "
+                  f"{tflops:6.0f} TFLOP/s", flush=True)  # fmt: skip
+    return out
+
+
+def _prefill_attention_ms(runner, t: int) -> dict[str, float]:
+    """One layer's causal attention over a fresh t-token prompt: Triton prefill vs SDPA."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.paged_prefill import paged_prefill_attention
+
+    layer = runner.attention_layers[0]
+    cache, bs, dev, dt = layer.kv_cache, runner.config.block_size, runner.device, runner.dtype
+    q = torch.randn(t, layer.num_heads, layer.head_dim, device=dev, dtype=dt)
+    k = torch.randn(1, layer.num_kv_heads, t, layer.head_dim, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    table = torch.arange(-(-t // bs), dtype=torch.int32, device=dev)[None]
+    starts = torch.tensor([0, t], dtype=torch.int32, device=dev)
+    seq = torch.tensor([t], dtype=torch.int32, device=dev)
+
+    def sdpa(backend) -> torch.Tensor:
+        q4 = q.transpose(0, 1)[None]
+        if backend is None:
+            return F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=True)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=True)
+
+    candidates = {
+        "triton": lambda: paged_prefill_attention(q, cache, starts, seq, table, t, 0.1, None),
+        "sdpa_default": lambda: sdpa(None),
+        "sdpa_cudnn": lambda: sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_flash": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
+    }
+    timings = {}
+    for name, fn in candidates.items():
+        try:
+            timings[name] = triton.testing.do_bench(fn, return_mode="median")
+        except RuntimeError as e:
+            print(f"prefill attention {t} {name}: unavailable ({str(e)[:100]})")
+            timings[name] = float("nan")
+    return timings
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="dummy:llama3-8b")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--context-len", type=int, default=2048)
+    parser.add_argument("--prefill-lens", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument(
+        "--fused-ops", action="store_true", help="RMSNorm/rotary/SiLU through kernels.fused"
+    )
+    parser.add_argument("--out", default="bench_engine.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("pdray.bench.engine needs a CUDA GPU")
+
+    from kernels.bandwidth import measure_read_bandwidth_gbps
+
+    read_gbps = measure_read_bandwidth_gbps()
+    matmul_tflops = measure_matmul_tflops()
+    print(f"HBM read bandwidth {read_gbps:.0f} GB/s, bf16 matmul {matmul_tflops:.0f} TFLOP/s")
+    max_batch = max(args.batch_sizes)
+    max_len = max(args.context_len, *args.prefill_lens)
+    config = EngineConfig(
+        model=args.model,
+        device="cuda",
+        attention_backend="triton",
+        max_num_seqs=max_batch,
+        max_model_len=max_len,
+        max_num_batched_tokens=max(args.prefill_lens),
+    )
+    runner = ModelRunner(config)
+    if args.fused_ops:
+        install_fused_ops(runner.model)
+    counts = model_counts(runner)
+    result: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "model": args.model,
+        "dtype": str(runner.dtype),
+        "fused_ops": args.fused_ops,
+        "read_bandwidth_gbps": read_gbps,
+        "matmul_tflops": matmul_tflops,
+        "counts": counts,
+    }
+    if not args.no_hf:
+        result["hf_generate_batch1_ms_per_token"] = hf_decode_ms_per_token(runner, args.context_len)
+        print(f"transformers generate, batch 1: {result['hf_generate_batch1_ms_per_token']:.3f} "
+              "ms/token", flush=True)  # fmt: skip
+    blocks_per_seq = -(-max_len // config.block_size)
+    runner.allocate_kv_cache(max(max_batch * -(-args.context_len // config.block_size),
+                                 blocks_per_seq))  # fmt: skip
+    runner.kv_cache.normal_()
+    graphs = DecodeCudaGraphs(
+        runner.model, runner.backend, max_num_seqs=max_batch, max_model_len=max_len,
+        block_size=config.block_size, hidden_size=runner.arch.hidden_size, dtype=runner.dtype,
+        device=runner.device, batch_sizes=args.batch_sizes,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    graphs.capture()
+    result["graph_capture_s"] = time.perf_counter() - t0
+    result["decode"] = bench_decode(
+        runner, graphs, counts, args.batch_sizes, args.context_len, read_gbps, args.iters
+    )
+    result["attention"] = bench_attention(
+        runner, counts, args.context_len, args.prefill_lens, read_gbps, matmul_tflops
+    )
+    result["prefill"] = bench_prefill(runner, counts, args.prefill_lens, matmul_tflops, 5)
+    if "hf_generate_batch1_ms_per_token" in result:
+        pdray_ms = next(r["step_ms"] for r in result["decode"] if r["batch"] == 1)
+        result["speedup_vs_hf_batch1"] = result["hf_generate_batch1_ms_per_token"] / pdray_ms
+        print(f"batch-1 decode: {result['speedup_vs_hf_batch1']:.2f}x transformers generate")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

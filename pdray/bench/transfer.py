@@ -1,0 +1,497 @@
+"""KV transfer benchmark: `cuda_ipc` between two processes on one GPU.
+
+    python -m pdray.bench.transfer --output transfer.json
+
+bandwidth  A Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head_dim 128, bf16, 16-token
+           blocks) lives in this process (receiver) and in a sender process. Per prompt length
+           the sender streams the prompt's blocks layer by layer (KVSender -> CudaIpcTransport ->
+           KVReceiver), hands off and flushes. GB/s = bytes moved / (first layer handed to the
+           sender .. flush acknowledged), next to copy rates measured in the same run on the same
+           GPU: a plain large torch copy, a plain copy of the same size, the same-size copy out of
+           the IPC mapping, and the transfer's own per-layer copies issued back to back.
+ttft       dummy:llama3-8b prefill and decode engines in two processes on the GPU: an 8k prompt's
+           time to first token at the decode side with layer-wise streaming, with the whole
+           transfer after the prefill, and the prefill alone (no transfer).
+
+Every byte copied counts once (not read + write), on both sides of every ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdray.kv_transfer.base import SeqTicket, Ticket
+
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+MODEL = "dummy:llama3-8b"
+
+
+def _cache(num_blocks: int, random_fill: bool) -> torch.Tensor:
+    shape = (LAYERS, 2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    make = torch.randn if random_fill else torch.zeros
+    return make(shape, dtype=torch.bfloat16, device="cuda")
+
+
+def _median_copy_s(copy, reps: int = 10) -> float:
+    copy()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        copy()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+# -- bandwidth ---------------------------------------------------------------------------------
+
+
+def _sender_main(conn, num_blocks: int) -> None:
+    """Sender process: streams each job's blocks like a prefill forward would, then flushes."""
+    from pdray.engine.scheduler import ScheduledSeq
+    from pdray.engine.sequence import Sequence
+    from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
+    from pdray.kv_transfer.sender import KVSender
+    from pdray.sampling_params import SamplingParams
+    from pdray.worker.batch import SampledToken
+
+    cache = _cache(num_blocks, random_fill=True)
+    transport = CudaIpcTransport()
+    transport.register(cache)
+    sender = KVSender(transport, cache)
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        if job == "headers":
+            conn.send(_headers_only(transport, cache))
+            continue
+        ticket, src = Ticket(**job[0]), job[1]
+        num_tokens = len(src) * BLOCK
+        seq = Sequence(ticket.seqs[0].seq_id, ticket.request_id, 0, [0] * num_tokens, num_tokens,
+                       SamplingParams())  # fmt: skip
+        seq.block_table = list(src)
+        sender.add_ticket(ticket)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        sender.begin_step([ScheduledSeq(seq, num_tokens)])
+        for layer in range(LAYERS):
+            sender.on_layer(layer)
+        on_layer_s = time.perf_counter() - start
+        sender.end_step()
+        sender.flush(sender.handoff(seq.seq_id, SampledToken(0), None), 60.0)
+        conn.send((time.perf_counter() - start, on_layer_s))
+    transport.close()
+
+
+def _copy_ceilings(cache, mapped, plain_buffers, n: int, dst_start: int) -> dict:
+    """GB/s of a plain copy and of a copy out of the IPC mapping, both of the transfer's size; of
+    the transfer's own per-layer K and V copies issued back to back with no synchronisation; of
+    one strided copy per layer (K and V together); and of one strided copy of all layers."""
+    num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
+    src, dst = (b[:num_bytes] for b in plain_buffers)
+    local = cache.view(-1).view(torch.uint8)[:num_bytes]
+    remote = mapped.view(-1).view(torch.uint8)[:num_bytes]
+
+    blocks = slice(dst_start, dst_start + n)
+
+    def layerwise() -> None:
+        for layer in range(LAYERS):
+            for kv in (0, 1):
+                cache[layer, kv, blocks].copy_(mapped[layer, kv, :n])
+
+    def layerwise_kv() -> None:
+        for layer in range(LAYERS):
+            cache[layer, :, blocks].copy_(mapped[layer, :, :n])
+
+    def layerwise_synced() -> None:  # the receiver's pattern: a side stream, synced per layer
+        with torch.cuda.stream(side):
+            for layer in range(LAYERS):
+                for kv in (0, 1):
+                    cache[layer, kv, blocks].copy_(mapped[layer, kv, :n], non_blocking=True)
+                side.synchronize()
+
+    def gbps(copy) -> float:
+        return num_bytes / _median_copy_s(copy) / 1e9
+
+    side = torch.cuda.Stream()
+    layerwise_synced()
+    wall_s = []
+    for _ in range(5):
+        start = time.perf_counter()
+        layerwise_synced()
+        wall_s.append(time.perf_counter() - start)
+
+    return {
+        "d2d_same_size_gbps": gbps(lambda: dst.copy_(src)),
+        "ipc_same_size_gbps": gbps(lambda: local.copy_(remote)),
+        "ipc_layerwise_copies_gbps": gbps(layerwise),
+        "ipc_layerwise_kv_strided_copies_gbps": gbps(layerwise_kv),
+        "ipc_one_strided_copy_gbps": gbps(lambda: cache[:, :, blocks].copy_(mapped[:, :, :n])),
+        "ipc_layerwise_synced_gbps": num_bytes / statistics.median(wall_s) / 1e9,
+    }
+
+
+def _headers_only(transport, cache, count: int = 1000) -> float:
+    """Seconds per LayerChunk header through the transport alone (the receiver ignores them)."""
+    from pdray.kv_transfer.base import LayerChunk
+
+    chunk = LayerChunk(request_id="headers", generation=0, seq_id="headers", layer=0,
+                       runs=[(0, 0, 1)])  # fmt: skip
+    payload = [cache[0, 0, :1], cache[0, 1, :1]]
+    start = time.perf_counter()
+    for _ in range(count):
+        transport.send("bench-receiver", chunk, payload)
+    transport.flush("bench-receiver", 60.0)
+    return (time.perf_counter() - start) / count
+
+
+def bandwidth(lengths: list[int], iters: int) -> dict:
+    from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
+    from pdray.kv_transfer.receiver import KVReceiver, TicketState
+
+    pad = 64
+    num_blocks = max(max(lengths), 2 * 8192) // BLOCK + pad
+    cache = _cache(num_blocks, random_fill=False)
+    receiver = KVReceiver(cache)
+    apply_s = [0.0]
+
+    def on_message(message, payload) -> None:
+        if message.request_id == "headers":
+            return
+        start = time.perf_counter()
+        receiver.on_message(message, payload)
+        apply_s[0] += time.perf_counter() - start
+
+    transport = CudaIpcTransport()
+    descriptor = transport.listen("bench-receiver", cache, on_message)
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    sender = ctx.Process(target=_sender_main, args=(child_conn, num_blocks), daemon=True)
+    sender.start()
+    if conn.recv() != "ready":
+        raise RuntimeError("sender process failed to start")
+    largest = max(lengths) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
+    big_src = torch.empty(largest, dtype=torch.uint8, device="cuda").random_()
+    big_dst = torch.empty_like(big_src)
+    d2d_large_gbps = largest / _median_copy_s(lambda: big_dst.copy_(big_src)) / 1e9
+    report = {"d2d_large_bytes": largest, "d2d_large_gbps": d2d_large_gbps, "cases": []}
+    generations = itertools.count(1)
+    cases = [(n, False) for n in lengths] + [(8192, True)]
+    for num_tokens, fragmented in cases:
+        n = num_tokens // BLOCK
+        src = list(range(n))
+        dst = list(range(pad, pad + 2 * n, 2)) if fragmented else list(range(pad, pad + n))
+        times, applies, on_layer = [], [], []
+        for i in range(1 + (2 if fragmented else iters)):
+            request_id = f"bw-{num_tokens}-{'frag' if fragmented else 'contig'}-{i}"
+            ticket = Ticket(
+                request_id=request_id, generation=next(generations),
+                seqs=[SeqTicket(seq_id=f"{request_id}-0", block_table=dst, num_cached_tokens=0)],
+                deadline_s=time.time() + 600.0, receiver=descriptor,
+            )  # fmt: skip
+            receiver.expect(ticket)
+            apply_s[0] = 0.0
+            conn.send((ticket.model_dump(), src))
+            elapsed, on_layer_s = conn.recv()
+            ((_, state, _, error),) = receiver.poll()
+            if state is not TicketState.COMPLETE:
+                raise RuntimeError(f"transfer of {request_id} ended {state.value}: {error}")
+            if i:  # the first one warms up (and connects)
+                times.append(elapsed)
+                applies.append(apply_s[0])
+                on_layer.append(on_layer_s)
+        mapped = transport.mapped_caches()[0]
+        num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
+        case = {
+            "tokens": num_tokens,
+            "layout": "fragmented: every other decode block" if fragmented else "contiguous",
+            "runs_per_layer": n if fragmented else 1,
+            "bytes": num_bytes,
+            "exact": bool(torch.equal(cache[:, :, dst], mapped[:, :, src])),
+            "transfer_ms": [t * 1e3 for t in times],
+            "transfer_gbps": num_bytes / statistics.median(times) / 1e9,
+            "receiver_apply_gbps": num_bytes / statistics.median(applies) / 1e9,
+            "receiver_apply_ms": statistics.median(applies) * 1e3,
+            "sender_on_layer_ms": statistics.median(on_layer) * 1e3,
+        }
+        if not fragmented:
+            case |= _copy_ceilings(cache, mapped, (big_src, big_dst), n, pad)
+            case["ratio_vs_d2d_same_size"] = case["transfer_gbps"] / case["d2d_same_size_gbps"]
+            case["ratio_vs_ipc_same_size"] = case["transfer_gbps"] / case["ipc_same_size_gbps"]
+        case["ratio_vs_d2d_large"] = case["transfer_gbps"] / d2d_large_gbps
+        report["cases"].append(case)
+        print(json.dumps(case), flush=True)
+    conn.send("headers")
+    report["transport_us_per_header"] = conn.recv() * 1e6
+    conn.send(None)
+    sender.join(timeout=30)
+    transport.close()
+    return report
+
+
+# -- time to first token -------------------------------------------------------------------------
+
+
+class _AfterForward:
+    """Step observer that sends every layer's KV only once the whole forward is done."""
+
+    def __init__(self, sender, num_layers: int):
+        self.sender, self.num_layers, self.scheduled = sender, num_layers, []
+
+    def begin_step(self, scheduled) -> None:
+        self.scheduled = scheduled
+
+    def end_step(self) -> None:
+        self.sender.begin_step(self.scheduled)
+        for layer in range(self.num_layers):
+            self.sender.on_layer(layer)
+        self.sender.end_step()
+
+
+# mode -> (how prefill sends the KV, decode loop spins while awaiting KV, GIL switch interval s)
+MODES = {
+    "prefill_only": ("none", False, 0.005),
+    "stream": ("stream", False, 0.005),
+    "after": ("after", False, 0.005),
+    "stream_spin": ("stream", True, 0.005),
+    "stream_si": ("stream", False, 0.0001),
+    "after_si": ("after", False, 0.0001),
+}
+
+
+def _wait_s(worker, spin: bool) -> float:
+    """How long the engine loop blocks for commands. A decode engine that only awaits KV spins
+    (like a plain loop would) or blocks briefly, leaving the GIL to the transport thread."""
+    if not worker.has_work():
+        return 0.005
+    awaiting_kv_only = hasattr(worker, "pending") and not worker.engine.scheduler.has_work
+    return 0.0005 if awaiting_kv_only and not spin else 0.0
+
+
+def _traced_transport():
+    """A CudaIpcTransport that records when each message is sent, and applied (start, end)."""
+    from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
+
+    class Traced(CudaIpcTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trace: list[tuple] = []
+
+        def listen(self, engine_id, kv_cache, on_message):
+            def timed(message, payload) -> None:
+                start = time.monotonic()
+                on_message(message, payload)
+                self.trace.append((type(message).__name__, start, time.monotonic()))
+
+            return super().listen(engine_id, kv_cache, timed)
+
+        def send(self, peer_id, message, payload) -> None:
+            self.trace.append((type(message).__name__, time.monotonic()))
+            super().send(peer_id, message, payload)
+
+    return Traced()
+
+
+def _engine_main(role: str, engine_args: dict, conn) -> None:
+    """Engine process: answers reserve/submit/trace, reports times on its monotonic clock."""
+    from pdray.config import EngineConfig
+    from pdray.disagg.decode import DecodeWorker
+    from pdray.disagg.prefill import PrefillWorker
+    from pdray.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=MODEL, role=role, **engine_args))
+    transport = _traced_transport()
+    if role == "prefill":
+        worker = PrefillWorker(engine, transport)
+        after = _AfterForward(worker.sender, len(engine.runner.attention_layers))
+    else:
+        worker = DecodeWorker(engine, transport, engine_id="bench-decode", lease_s=600.0)
+    conn.send(("ready", getattr(worker, "descriptor", None), engine.runner.backend.name))
+    spin = False
+    while True:
+        while conn.poll(_wait_s(worker, spin)):
+            command, args = conn.recv()
+            if command == "close":
+                return
+            if command == "trace":
+                conn.send(("trace", transport.trace[:]))
+                transport.trace.clear()
+                continue
+            *args, mode = args
+            send, spin, switch_interval_s = MODES[mode]
+            sys.setswitchinterval(switch_interval_s)
+            if command == "reserve":
+                conn.send(("ticket", worker.reserve(*args).model_dump()))
+                continue
+            request_id, prompt, params, ticket = args
+            stream = send == "stream"
+            engine.runner.on_layer_kv_written = worker.sender.on_layer if stream else None
+            engine.step_observer = after if send == "after" else worker.sender
+            conn.send(("submitted", time.monotonic()))
+            worker.submit(request_id, prompt, params, ticket and Ticket(**ticket))
+        if worker.has_work():
+            for out in worker.step():
+                now = time.monotonic()
+                if role == "prefill":
+                    conn.send(("prefilled", now, out.error))
+                else:
+                    conn.send(("output", now, out.finished))
+
+
+def _expect(conn, kind: str) -> tuple:
+    message = conn.recv()
+    if message[0] != kind:
+        raise RuntimeError(f"expected {kind!r}, got {message!r}")
+    return message
+
+
+def _timeline(submitted: float, first: float, sends: list, applies: list) -> dict:
+    """Where one request's time to first token went (ms from submit), from the two traces."""
+    chunk_sends = [t for kind, t in sends if kind == "LayerChunk"]
+    chunk_applies = [(start, end) for kind, start, end in applies if kind == "LayerChunk"]
+    if not chunk_sends:
+        return {}
+    return {
+        "first_send": (chunk_sends[0] - submitted) * 1e3,
+        "last_send": (chunk_sends[-1] - submitted) * 1e3,
+        "last_apply_end": (chunk_applies[-1][1] - submitted) * 1e3,
+        "first_token": (first - submitted) * 1e3,
+        "apply_busy": sum(end - start for start, end in chunk_applies) * 1e3,
+        "max_send_to_apply": max(
+            a - s for s, (a, _) in zip(chunk_sends, chunk_applies, strict=True)
+        )
+        * 1e3,
+    }
+
+
+def ttft(num_tokens: int, rounds: int) -> dict:
+    from pdray.sampling_params import SamplingParams
+
+    engine_args = {
+        "dtype": "bfloat16", "device": "cuda", "block_size": BLOCK,
+        "max_model_len": 2 * num_tokens, "max_num_batched_tokens": num_tokens,
+        "num_kv_blocks": 2 * num_tokens // BLOCK + 16, "gpu_memory_utilization": 0.45,
+    }  # fmt: skip
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    for role in ("decode", "prefill"):
+        conns[role], child = ctx.Pipe()
+        procs.append(ctx.Process(target=_engine_main, args=(role, engine_args, child), daemon=True))
+        procs[-1].start()
+    ready = {role: _expect(conn, "ready") for role, conn in conns.items()}
+    prefill, decode = conns["prefill"], conns["decode"]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    rng = random.Random(0)
+    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+    timelines: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for round_ in range(1 + rounds):  # round 0 warms up
+        for mode in MODES:
+            request_id = f"ttft-{mode}-{round_}"
+            prompt = [rng.randrange(1000, 100_000) for _ in range(num_tokens)]
+            ticket = None
+            if mode != "prefill_only":
+                decode.send(("reserve", (request_id, prompt, params, mode)))
+                ticket = _expect(decode, "ticket")[1]
+            prefill.send(("submit", (request_id, prompt, params, ticket, mode)))
+            submitted = _expect(prefill, "submitted")[1]
+            _, prefilled, error = _expect(prefill, "prefilled")
+            if error:
+                raise RuntimeError(f"prefill of {request_id} failed: {error}")
+            first = prefilled
+            if ticket is not None:
+                first = _expect(decode, "output")[1]
+                while not _expect(decode, "output")[2]:
+                    pass
+            for conn in conns.values():
+                conn.send(("trace", ()))
+            sends, applies = _expect(prefill, "trace")[1], _expect(decode, "trace")[1]
+            if round_:
+                samples[mode].append(first - submitted)
+                timelines[mode].append(_timeline(submitted, first, sends, applies))
+    for conn in conns.values():
+        conn.send(("close", ()))
+    for proc in procs:
+        proc.join(timeout=60)
+    median = {mode: statistics.median(s) for mode, s in samples.items()}
+    return {
+        "model": MODEL,
+        "prompt_tokens": num_tokens,
+        "processes": "two: prefill engine and decode engine on one GPU",
+        "attention_backend": ready["prefill"][2],
+        "engine_args": engine_args,
+        "modes": {
+            m: dict(zip(("send", "decode_loop_spins", "gil_switch_interval_s"), v, strict=True))
+            for m, v in MODES.items()
+        },  # fmt: skip
+        "ttft_ms": {mode: t * 1e3 for mode, t in median.items()},
+        "samples_ms": {mode: [t * 1e3 for t in s] for mode, s in samples.items()},
+        "vs_prefill_only": {mode: t / median["prefill_only"] for mode, t in median.items()},
+        "timeline_median_ms": {
+            mode: {k: statistics.median(t[k] for t in ts) for k in ts[0]}
+            for mode, ts in timelines.items()
+            if ts and ts[0]
+        },
+        "timelines_ms": timelines,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", required=True, help="path of the JSON report")
+    parser.add_argument("--lengths", default="1024,8192,32768", help="prompt lengths (tokens)")
+    parser.add_argument("--iters", type=int, default=5, help="timed transfers per length")
+    parser.add_argument("--ttft-tokens", type=int, default=8192)
+    parser.add_argument("--ttft-rounds", type=int, default=3)
+    parser.add_argument("--skip-ttft", action="store_true")
+    args = parser.parse_args(argv)
+    import cupy
+
+    output = Path(args.output)
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cupy": cupy.__version__,
+        "kv_shape": {
+            "layers": LAYERS,
+            "kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "block_size": BLOCK,
+            "dtype": "bfloat16",
+        },
+        "bandwidth": bandwidth([int(n) for n in args.lengths.split(",")], args.iters),
+    }
+    output.write_text(json.dumps(report, indent=2))
+    torch.cuda.empty_cache()
+    if not args.skip_ttft:
+        report["ttft"] = ttft(args.ttft_tokens, args.ttft_rounds)
+        output.write_text(json.dumps(report, indent=2))
+    bw = report["bandwidth"]
+    print(f"plain D2D copy ({bw['d2d_large_bytes'] / 1e9:.1f} GB): {bw['d2d_large_gbps']:.0f} GB/s; "
+          f"transport {bw['transport_us_per_header']:.1f} us per header")  # fmt: skip
+    for c in bw["cases"]:
+        print(f"{c['tokens']:>6} tokens {c['layout'][:10]:<10} {c['transfer_gbps']:7.1f} GB/s  "
+              f"x{c['ratio_vs_d2d_large']:.2f} of D2D  apply {c['receiver_apply_gbps']:.0f} GB/s  "
+              f"exact={c['exact']}")  # fmt: skip
+    if "ttft" in report:
+        t = report["ttft"]
+        print(f"TTFT {t['prompt_tokens']} tokens ({t['attention_backend']}): "
+              + ", ".join(f"{m} {v:.1f} ms" for m, v in t["ttft_ms"].items())
+              + f"; stream/prefill_only {t['vs_prefill_only']['stream']:.3f}")  # fmt: skip
+        for mode, timeline in t["timeline_median_ms"].items():
+            print(f"  {mode:<12} " + " ".join(f"{k}={v:.1f}" for k, v in timeline.items()))
+
+
+if __name__ == "__main__":
+    main()
