@@ -12,7 +12,6 @@ decode = (weight bytes + KV bytes read) / read bandwidth; prefill = FLOPs / matm
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
@@ -97,34 +96,6 @@ def _copy_weights_to_hf(model, hf) -> None:
         theirs.mlp.down_proj.weight.copy_(mlp.down_proj.weight)
         theirs.input_layernorm.weight.copy_(mine.input_layernorm.weight)
         theirs.post_attention_layernorm.weight.copy_(mine.post_attention_layernorm.weight)
-
-
-def install_fused_ops(model) -> None:
-    """Route RMSNorm, rotary and SiLU-and-mul through `kernels.fused` (a preview of wiring them
-    into pdray.layers on CUDA)."""
-    from kernels import fused
-    from pdray.layers.activation import SiluAndMul
-    from pdray.layers.norm import RMSNorm
-    from pdray.layers.rotary import RotaryEmbedding
-
-    def norm_forward(x, residual=None, m=None):
-        if residual is None:
-            return fused.rms_norm(x.reshape(-1, x.shape[-1]), m.weight, m.eps).view(x.shape)
-        return fused.rms_norm(x, m.weight, m.eps, residual)
-
-    for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.forward = functools.partial(norm_forward, m=m)
-        elif isinstance(m, RotaryEmbedding):
-            m.forward = functools.partial(_fused_rotary, m=m)
-        elif isinstance(m, SiluAndMul):
-            m.forward = fused.silu_and_mul
-
-
-def _fused_rotary(positions, q, k, m):
-    from kernels import fused
-
-    return fused.rotary(positions, q, k, m.cos, m.sin, m.interleaved)
 
 
 def _median_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -358,7 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
-        "--fused-ops", action="store_true", help="RMSNorm/rotary/SiLU through kernels.fused"
+        "--no-fused-ops",
+        action="store_true",
+        help="plain-torch RMSNorm/rotary/SiLU (for comparison)",
     )
     parser.add_argument("--out", default="bench_engine.json")
     args = parser.parse_args(argv)
@@ -381,14 +354,16 @@ def main(argv: list[str] | None = None) -> dict:
         max_num_batched_tokens=max(args.prefill_lens),
     )
     runner = ModelRunner(config)
-    if args.fused_ops:
-        install_fused_ops(runner.model)
+    if args.no_fused_ops:
+        from pdray.layers.fused import set_fused_ops_enabled
+
+        set_fused_ops_enabled(False)
     counts = model_counts(runner)
     result: dict = {
         "gpu": torch.cuda.get_device_name(),
         "model": args.model,
         "dtype": str(runner.dtype),
-        "fused_ops": args.fused_ops,
+        "fused_ops": not args.no_fused_ops,
         "read_bandwidth_gbps": read_gbps,
         "matmul_tflops": matmul_tflops,
         "counts": counts,

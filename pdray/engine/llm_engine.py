@@ -57,7 +57,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         num_blocks = self.runner.num_blocks_to_allocate(self.max_model_len)
         self._check_cache_fits(num_blocks)
-        self.runner.allocate_kv_cache(num_blocks)
+        self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from pdray.layers.fused import fused_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -61,6 +63,9 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, Hq, D], k: [T, Hkv, D]
+        fused = fused_ops(q)
+        if fused is not None:
+            return fused.rotary(positions, q, k, self.cos, self.sin, self.interleaved)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

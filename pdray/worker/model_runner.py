@@ -52,9 +52,12 @@ class ModelRunner:
             config.model, family, self.arch, self.dtype, self.device, config.seed
         )
         self.attention_layers = self.model.attention_layers()
-        self.backend = get_attention_backend(config.attention_backend, self.device.type)
+        self.backend = get_attention_backend(
+            config.attention_backend, self.device.type, self.device
+        )
         self.sampler = Sampler(self.device)
         self.kv_cache: torch.Tensor | None = None
+        self.graphs = None  # decode CUDA graphs, captured after the KV cache exists
         self.on_layer_kv_written = None  # set by KV transfer (prefill role)
 
     # -- KV cache -----------------------------------------------------------------------------------
@@ -86,7 +89,8 @@ class ModelRunner:
             )
         return budget // self.block_bytes
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, max_model_len: int | None = None) -> None:
+        """Allocate the cache; with max_model_len, also capture decode CUDA graphs (on CUDA)."""
         layer = self.attention_layers[0]
         shape = (
             len(self.attention_layers), 2, num_blocks, self.config.block_size,
@@ -97,6 +101,25 @@ class ModelRunner:
             attn.kv_cache = self.kv_cache[i]
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks,
                     self.config.block_size, self.kv_cache.nbytes / _GiB)  # fmt: skip
+        if max_model_len is not None:
+            self._capture_graphs(max_model_len)
+
+    def _capture_graphs(self, max_model_len: int) -> None:
+        use = (
+            self.device.type == "cuda"
+            and not self.config.enforce_eager
+            and getattr(self.backend, "supports_cuda_graphs", False)
+        )
+        if not use:
+            return
+        from pdray.worker.cuda_graph import DecodeCudaGraphs
+
+        self.graphs = DecodeCudaGraphs(
+            self.model, self.backend, max_num_seqs=self.config.max_num_seqs,
+            max_model_len=max_model_len, block_size=self.config.block_size,
+            hidden_size=self.arch.hidden_size, dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+        self.graphs.capture()
 
     # -- one step ------------------------------------------------------------------------------------
 
@@ -126,21 +149,38 @@ class ModelRunner:
     def _pin(self) -> bool:
         return self.device.type == "cuda"
 
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, pin_memory=self._pin).to(
+            self.device, non_blocking=True
+        )
+
+    def _eager_forward(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = self._to_device(batch.input_ids)
+        positions = self._to_device(batch.positions)
+        meta = self._metadata(batch)
+        ctx = ForwardContext(meta, self.backend, self.on_layer_kv_written)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)
+        ends = meta.query_start_loc[1:].long() - 1
+        rows = ends[self._to_device(batch.sample_indices)] if batch.sample_indices else ends[:0]
+        return hidden, rows
+
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> list[SampledToken]:
         if batch.finished_seq_ids:
             self.sampler.free(batch.finished_seq_ids)
         if not batch.input_ids:
             return []
-        input_ids = torch.tensor(batch.input_ids, dtype=torch.int64).to(self.device)
-        positions = torch.tensor(batch.positions, dtype=torch.int64).to(self.device)
-        meta = self._metadata(batch)
-        ctx = ForwardContext(meta, self.backend, self.on_layer_kv_written)
-        with forward_context(ctx):
-            hidden = self.model(input_ids, positions)
+        if (
+            self.graphs is not None
+            and self.on_layer_kv_written is None
+            and self.graphs.can_run(batch)
+        ):
+            hidden = self.graphs.run(batch)  # [S, H]: in a decode step, row i is sequence i
+            rows = self._to_device(batch.sample_indices)
+        else:
+            hidden, rows = self._eager_forward(batch)
         if not batch.sample_indices:
             return []
-        ends = meta.query_start_loc[1:].long() - 1
-        rows = ends[torch.tensor(batch.sample_indices, device=self.device)]
         logits = self.model.compute_logits(hidden[rows]).float()
         return self.sampler(logits, batch.sampling_rows)
