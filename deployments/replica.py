@@ -26,7 +26,7 @@ from deployments.redis_host import resolve_redis_url
 from pdray.config import Role
 from pdray.engine.sequence import SequenceStatus
 from pdray.kv_transfer.base import Ticket
-from pdray.router.store import InstanceRecord
+from pdray.router.store import InstanceRecord, record_key
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class PDReplica:
         self.thread, self.worker = make_engine_thread(self.role, self.args, self.replica_id)
         self.engine = self.thread.engine
         self._streams: dict = {}
-        self._key = f"pdray:{self.args.app_name}:instance:{self.replica_id}"
+        self._key = record_key(self.args.app_name, self.replica_id)
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="pdray-heartbeat").start()
 
