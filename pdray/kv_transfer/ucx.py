@@ -1,0 +1,433 @@
+"""`ucx` transport: KV over UCX (ucxx) between processes and nodes; host buffers over TCP on CPU.
+
+Every UcxTransport of a process shares one UCX context and one event-loop thread ("pdray-ucx"),
+where all ucxx calls run; engine threads only post work to it. UCX options (NET_DEVICES, ...)
+are fixed by the first transport of the process.
+
+  receiver  listen() -> UCX listener on `port` (all interfaces; `host` is the address advertised)
+            per incoming endpoint, in order: frame -> header -> [LayerChunk: K, V of each run into
+            fresh buffers on the cache's device] -> on_message(message, payload) on the loop thread;
+            a flush marker is answered with an ack once every earlier message was delivered
+  sender    connect(peer) -> endpoint (idempotent; reconnects after a failure)
+            send() -> header and payload posted on the loop thread in call order (never blocks)
+            flush() -> marker + wait for its ack: every earlier message reached on_message
+            a failed send or a lost connection fails the peer: later send/flush raise TransferError
+  close()   listener and endpoints closed; the process's UCX context stays for later transports
+
+Wire format per message, on the endpoint's tag stream (UCX matches it in post order): a frame
+[u64 header length][header JSON, when it fits in the frame] (else the header follows alone), then for
+a LayerChunk one contiguous message per payload tensor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import concurrent.futures
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+
+from pdray.kv_transfer.base import (
+    Handoff,
+    KVDescriptor,
+    KVLayout,
+    KVTransport,
+    LayerChunk,
+    Message,
+    OnMessage,
+    TransferAbort,
+    TransferError,
+    TransportKind,
+)
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets variables this UCX never reads
+try:
+    import ucxx
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("the ucx KV transport needs ucxx: pip install 'pdray[ucx]'") from e
+
+logger = logging.getLogger(__name__)
+
+_FRAME_BYTES = 1 << 16
+_LEN = struct.Struct("<Q")
+_TYPES = {cls.__name__: cls for cls in (LayerChunk, Handoff, TransferAbort)}
+_FLUSH = "flush"
+
+
+def _encode(message: Message) -> bytes:
+    data = message.model_dump()
+    b64 = [name for name, value in data.items() if isinstance(value, bytes)]
+    for name in b64:
+        data[name] = base64.b64encode(data[name]).decode()
+    return json.dumps({"type": type(message).__name__, "b64": b64, "message": data}).encode()
+
+
+def _decode(header: dict) -> Message:
+    data = header["message"]
+    for name in header["b64"]:
+        data[name] = base64.b64decode(data[name])
+    return _TYPES[header["type"]].model_validate(data)
+
+
+def _frames(body: bytes) -> list[bytes]:
+    head = _LEN.pack(len(body))
+    return [head + body] if len(head) + len(body) <= _FRAME_BYTES else [head, body]
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """The tensor's bytes as a flat uint8 buffer ucxx can read or fill (no copy)."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def _default_host(net_devices: list[str] | None) -> str:
+    for device in net_devices or []:
+        try:
+            return ucxx.get_address(ifname=device.split(":")[0])
+        except OSError:
+            pass
+    try:
+        return ucxx.get_address()
+    except OSError:
+        return "127.0.0.1"
+
+
+class _Runtime:
+    """The process's UCX context and the thread whose asyncio loop runs every ucxx call."""
+
+    def __init__(self, options: dict[str, str]):
+        self.options = options
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="pdray-ucx", daemon=True).start()
+        try:
+            self.run(self._init(), 60.0, "UCX initialisation")
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+
+    async def _init(self) -> None:
+        # python futures: requests complete through a notifier thread instead of a busy loop
+        ucxx.init(options=self.options, progress_mode="thread", enable_python_future=True)
+        self.worker = ucxx.core._get_ctx().worker
+
+    def run(self, coro, timeout_s: float, what: str):
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the coroutine's own timeout (the same class since Python 3.11)
+                raise
+            future.cancel()
+            raise TransferError(f"{what} timed out after {timeout_s:g} s") from None
+
+
+_runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
+_exiting = False
+
+
+@atexit.register
+def _mark_exiting() -> None:  # connections cut by interpreter exit are no news
+    global _exiting
+    _exiting = True
+
+
+def _get_runtime(options: dict[str, str]) -> _Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            try:
+                _runtime = _Runtime(options)
+            except ucxx.exceptions.UCXError as e:
+                raise ValueError(f"UCX rejected the options {options}: {e}") from e
+        elif options and options != _runtime.options:
+            raise ValueError(
+                f"UCX is already set up in this process with {_runtime.options}; every "
+                f"UcxTransport of a process shares it, so {options} cannot apply"
+            )
+        return _runtime
+
+
+@dataclass(eq=False)
+class _Peer:
+    descriptor: KVDescriptor
+    endpoint: object
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    error: str | None = None
+    flush_seq: int = 0
+    waiters: list[tuple[int, asyncio.Future]] = field(default_factory=list)
+
+
+class UcxTransport(KVTransport):
+    kind = TransportKind.UCX
+
+    def __init__(
+        self,
+        host: str | None = None,
+        net_devices: list[str] | None = None,
+        port: int = 0,
+        ucx_options: dict[str, str] | None = None,
+        connect_timeout_s: float = 10.0,
+    ):
+        """host: address peers reach this receiver at (default: first network interface's).
+        net_devices: UCX_NET_DEVICES, e.g. ["mlx5_0:1"] (FastDeploy's KVCACHE_RDMA_NICS).
+        port: listening port, 0 = any free port. ucx_options: further UCX settings, e.g.
+        {"TLS": "tcp"}, without the UCX_ prefix."""
+        options = {k.removeprefix("UCX_"): str(v) for k, v in (ucx_options or {}).items()}
+        if net_devices:
+            options["NET_DEVICES"] = ",".join(net_devices)
+        self._rt = _get_runtime(options)
+        self.host = host or _default_host(net_devices)
+        self.port = port
+        self.connect_timeout_s = connect_timeout_s
+        self._layout: KVLayout | None = None
+        self._peers: dict[str, _Peer] = {}
+        self._lock = threading.Lock()
+        self._listener = None
+        self._kv_cache: torch.Tensor | None = None
+        self._on_message: OnMessage | None = None
+        self._serving: set = set()
+        self._closing = False
+
+    # -- receiver ----------------------------------------------------------------------------
+
+    def listen(self, engine_id: str, kv_cache: torch.Tensor, on_message: OnMessage) -> KVDescriptor:
+        if self._listener is not None:
+            raise ValueError("this UcxTransport is already listening")
+        self._kv_cache, self._on_message = kv_cache, on_message
+
+        async def start():
+            return ucxx.create_listener(self._serve, port=self.port)
+
+        try:
+            self._listener = self._rt.run(start(), 30.0, "UCX listen")
+        except ucxx.exceptions.UCXError as e:
+            raise TransferError(f"cannot listen for KV on port {self.port}: {e}") from e
+        return KVDescriptor(
+            engine_id=engine_id, transport=self.kind, layout=KVLayout.of(kv_cache),
+            address=f"{self.host}:{self._listener.port}", host=socket.gethostname(),
+        )  # fmt: skip
+
+    async def _serve(self, ep) -> None:
+        self._serving.add(ep)
+        frame = np.empty(_FRAME_BYTES, np.uint8)
+        try:
+            while True:
+                await ep.recv(frame)
+                (length,) = _LEN.unpack_from(frame)
+                if _LEN.size + length <= _FRAME_BYTES:
+                    raw = frame[_LEN.size : _LEN.size + length].tobytes()
+                else:
+                    raw = bytearray(length)
+                    await ep.recv(raw)
+                header = json.loads(raw)
+                if header["type"] == _FLUSH:
+                    await ep.send(np.array([header["seq"]], np.uint64))
+                    continue
+                message = _decode(header)
+                payload = await self._recv_payload(ep, message)
+                try:
+                    self._on_message(message, payload)
+                except Exception:
+                    logger.exception("KV on_message failed for %s", type(message).__name__)
+        except ucxx.exceptions.UCXError as e:
+            if not self._closing:
+                logger.debug("UCX KV connection ended: %s", e)
+        except Exception:
+            logger.exception("dropping a UCX KV connection that sent a bad message")
+        finally:
+            self._serving.discard(ep)
+            ep.abort(period=10**9)
+
+    async def _recv_payload(self, ep, message: Message) -> list[torch.Tensor]:
+        if not isinstance(message, LayerChunk):
+            return []
+        cache = self._kv_cache
+        sizes = [n for _, _, n in message.runs]
+        if any(n <= 0 for n in sizes) or sum(sizes) > cache.shape[2]:
+            raise ValueError(f"bad runs {message.runs} for a cache of {cache.shape[2]} blocks")
+        buffer = torch.empty(
+            (2 * sum(sizes), *cache.shape[3:]), dtype=cache.dtype, device=cache.device
+        )
+        if buffer.is_cuda:
+            torch.cuda.current_stream(buffer.device).synchronize()
+        payload, start = [], 0
+        for n in sizes:
+            payload += [buffer[start : start + n], buffer[start + n : start + 2 * n]]
+            start += 2 * n
+        self._rt.worker.populate_python_futures_pool()
+        await asyncio.gather(*(ep.recv(_wire(t)) for t in payload))
+        return payload
+
+    # -- sender ------------------------------------------------------------------------------
+
+    def register(self, kv_cache: torch.Tensor) -> None:
+        self._layout = KVLayout.of(kv_cache)
+
+    def connect(self, peer: KVDescriptor) -> None:
+        if peer.transport is not self.kind:
+            raise TransferError(f"cannot reach a {peer.transport.value} receiver over ucx")
+        if self._layout is not None and not peer.layout.compatible_with(self._layout):
+            raise TransferError(
+                f"KV layouts differ: {peer.engine_id} has {peer.layout}, we have {self._layout}"
+            )
+        with self._lock:
+            current = self._peers.get(peer.engine_id)
+            if current is not None and current.error is None and current.descriptor == peer:
+                return
+            host, _, port = peer.address.rpartition(":")
+            timeout_s = self.connect_timeout_s
+            what = f"connecting to UCX KV receiver {peer.engine_id!r} at {peer.address}"
+            try:
+                endpoint = self._rt.run(
+                    ucxx.create_endpoint(host, int(port), connect_timeout=timeout_s),
+                    timeout_s + 5,
+                    what,
+                )
+            except (asyncio.TimeoutError, TimeoutError) as e:
+                raise TransferError(f"{what}: no answer within {timeout_s:g} s") from e
+            except (ValueError, OSError, ucxx.exceptions.UCXError) as e:
+                raise TransferError(f"{what} failed: {type(e).__name__}: {e}") from e
+            state = _Peer(peer, endpoint)
+            self._peers[peer.engine_id] = state
+        self._rt.loop.call_soon_threadsafe(self._start_peer, state, current)
+
+    def _start_peer(self, peer: _Peer, replaced: _Peer | None) -> None:
+        if replaced is not None:
+            self._fail(replaced, "replaced by a new connection")
+        peer.tasks.add(self._rt.loop.create_task(self._read_acks(peer)))
+
+    async def _read_acks(self, peer: _Peer) -> None:
+        ack = np.zeros(1, np.uint64)
+        while True:
+            try:
+                await peer.endpoint.recv(ack)
+            except Exception as e:
+                self._fail(peer, f"connection lost: {type(e).__name__}: {e}")
+                return
+            done = [w for w in peer.waiters if w[0] <= int(ack[0])]
+            peer.waiters = [w for w in peer.waiters if w[0] > int(ack[0])]
+            for _, waiter in done:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def send(self, peer_id: str, message: Message, payload: list[torch.Tensor]) -> None:
+        peer = self._peer(peer_id)
+        if isinstance(message, LayerChunk):
+            self._check_payload(peer.descriptor.layout, message, payload)
+        elif payload:
+            raise ValueError(f"a {type(message).__name__} carries no payload")
+        buffers = _frames(_encode(message)) + [_wire(t.contiguous()) for t in payload]
+        self._rt.loop.call_soon_threadsafe(self._post, peer, buffers)
+
+    @staticmethod
+    def _check_payload(layout: KVLayout, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
+        if len(payload) != 2 * len(chunk.runs):
+            raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
+        itemsize = getattr(torch, layout.dtype).itemsize
+        block_bytes = layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
+        for i, t in enumerate(payload):
+            n = chunk.runs[i // 2][2]
+            if t.nbytes != n * block_bytes:
+                raise ValueError(
+                    f"payload tensor {i} has {t.nbytes} bytes; {n} blocks of the receiver's "
+                    f"layout need {n * block_bytes}"
+                )
+
+    def _post(self, peer: _Peer, buffers: list) -> None:
+        if peer.error is not None:
+            return
+        for buffer in buffers:
+            task = self._rt.loop.create_task(self._send_one(peer.endpoint, buffer))
+            peer.tasks.add(task)
+            task.add_done_callback(partial(self._sent, peer))
+
+    async def _send_one(self, endpoint, buffer) -> None:
+        # each request takes a future from ucxx's pool, which the notifier refills only now and then
+        self._rt.worker.populate_python_futures_pool()
+        await endpoint.send(buffer)
+
+    def _sent(self, peer: _Peer, task: asyncio.Task) -> None:
+        peer.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(peer, f"send failed: {type(task.exception()).__name__}: {task.exception()}")
+
+    def _fail(self, peer: _Peer, reason: str) -> None:
+        if peer.error is not None:
+            return
+        peer.error = (
+            f"UCX KV peer {peer.descriptor.engine_id!r} at {peer.descriptor.address}: {reason}"
+        )
+        if not (self._closing or _exiting):
+            logger.warning("%s", peer.error)
+        for _, waiter in peer.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        peer.waiters = []
+        for task in list(peer.tasks):
+            task.cancel()
+        peer.endpoint.abort(period=10**9)
+
+    def flush(self, peer_id: str, timeout_s: float) -> None:
+        peer = self._peer(peer_id)
+        future = asyncio.run_coroutine_threadsafe(self._flush(peer), self._rt.loop)
+        try:
+            future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise
+            future.cancel()
+            raise TransferError(
+                f"flush to UCX KV peer {peer_id!r} at {peer.descriptor.address} timed out "
+                f"after {timeout_s:g} s"
+            ) from None
+        if peer.error is not None:
+            raise TransferError(peer.error)
+
+    async def _flush(self, peer: _Peer) -> None:
+        if peer.error is not None:
+            return
+        peer.flush_seq += 1
+        waiter = self._rt.loop.create_future()
+        peer.waiters.append((peer.flush_seq, waiter))
+        self._post(peer, _frames(json.dumps({"type": _FLUSH, "seq": peer.flush_seq}).encode()))
+        await waiter
+
+    def _peer(self, peer_id: str) -> _Peer:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            raise TransferError(f"not connected to KV receiver {peer_id!r}: call connect() first")
+        if peer.error is not None:
+            raise TransferError(peer.error)
+        return peer
+
+    # -- both --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closing = True
+
+        async def shutdown():
+            for peer in self._peers.values():
+                self._fail(peer, "transport closed")
+            for ep in list(self._serving):
+                ep.abort(period=10**9)
+            if self._listener is not None:
+                for _ in range(500):  # let the handlers of aborted connections return
+                    if self._listener.active_clients == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                self._listener.close()
+                self._listener = None
+
+        self._rt.run(shutdown(), 30.0, "UCX close")
+        self._peers.clear()
