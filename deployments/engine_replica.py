@@ -84,12 +84,19 @@ class EngineThread:
             return self.worker.has_work()
         return self.engine.has_unfinished_requests()
 
+    def _wait_s(self) -> float:
+        runnable = getattr(self.worker, "has_runnable_work", None)
+        if runnable is not None and not runnable() and self._busy():
+            return 0.001  # only KV in flight: yield the GIL to the transport thread
+        return 0.0 if self._busy() else 0.05
+
     def _run(self) -> None:
         while not self._stop:
-            block = not self._busy()
+            wait_s = self._wait_s()
+            block = wait_s > 0
             while True:
                 try:
-                    fn, future = self._commands.get(block=block, timeout=0.05 if block else None)
+                    fn, future = self._commands.get(block=block, timeout=wait_s if block else None)
                 except queue.Empty:
                     break
                 block = False
@@ -104,8 +111,14 @@ class EngineThread:
                 self._step()
 
     def _step(self) -> None:
+        poll = getattr(self.worker, "poll_transfers", None)
+        if poll is not None:  # deliver admissions (first tokens) before running a decode step
+            for output in poll():
+                self._deliver(output)
         try:
-            results = (self.worker or self.engine).step()
+            results = (
+                self.engine.step() if poll is not None else (self.worker or self.engine).step()
+            )
         except Exception as e:  # fail every open request rather than hang them
             logger.exception("engine step failed")
             for stream in self._streams.values():

@@ -105,14 +105,19 @@ class DecodeWorker:
         self.engine.abort_request(request_id)
 
     def step(self) -> list[RequestOutput]:
-        outputs = self._poll_transfers()
+        outputs = self.poll_transfers()
         outputs += self.engine.step()
         return outputs
 
     def has_work(self) -> bool:
         return bool(self.pending) or self.engine.scheduler.has_work
 
-    def _poll_transfers(self) -> list[RequestOutput]:
+    def has_runnable_work(self) -> bool:
+        """False while only waiting for KV: callers should sleep briefly instead of spinning."""
+        return self.engine.scheduler.has_work
+
+    def poll_transfers(self) -> list[RequestOutput]:
+        """Admit requests whose KV arrived (their first token is the output), fail over others."""
         outputs = []
         for ticket, state, handoffs, error in self.receiver.poll():
             pending = self.pending.pop(ticket.request_id, None)

@@ -42,7 +42,7 @@ def _serve(role: str, model: str, transport: str, engine_args: dict, name: str, 
         return
     conn.send(("ready", getattr(worker, "descriptor", None)))
     while True:
-        while conn.poll(0 if worker.has_work() else 0.05):
+        while conn.poll(_idle_wait_s(worker)):
             command, args = conn.recv()
             if command == "close":
                 return
@@ -55,6 +55,15 @@ def _serve(role: str, model: str, transport: str, engine_args: dict, name: str, 
         if worker.has_work():
             for result in worker.step():
                 conn.send(("output", result))
+
+
+def _idle_wait_s(worker) -> float:
+    """How long to wait for a command: not at all with work to run, briefly while KV is in
+    flight (a spinning loop would starve the transport thread of the GIL), else longer."""
+    runnable = getattr(worker, "has_runnable_work", worker.has_work)
+    if runnable():
+        return 0.0
+    return 0.001 if worker.has_work() else 0.05
 
 
 def _handle(worker, command: str, args: tuple):

@@ -126,15 +126,21 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release every block seq owns, exactly once. Idempotent for an empty table."""
-        for block in reversed(seq.block_table):
+        unhashed = []
+        for block in seq.block_table:
             if self.ref_counts[block] <= 0:
                 raise RuntimeError(f"double free of KV block {block} by {seq.seq_id}")
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                # Blocks without a hash are useless to keep: reuse them first.
-                self.free_blocks[block] = None
                 if self.block_hash[block] == _NO_HASH:
-                    self.free_blocks.move_to_end(block, last=False)
+                    unhashed.append(block)
+                else:
+                    self.free_blocks[block] = None
+        # Blocks without a hash are useless to keep: reuse them first, in ascending order, so
+        # later allocations stay contiguous (KV transfer copies contiguous runs in one go).
+        for block in reversed(unhashed):
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0

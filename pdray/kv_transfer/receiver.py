@@ -79,11 +79,13 @@ class KVReceiver:
             try:
                 self._apply(entry, message, payload)
             except Exception as e:  # a bad message fails its ticket, never the receiver
+                self._wait_copies()
                 entry.state, entry.error = TicketState.FAILED, f"bad transfer: {e}"
                 self._ready.append(entry)
 
     def _apply(self, entry: _Entry, message: Message, payload: list[torch.Tensor]) -> None:
         if isinstance(message, TransferAbort):
+            self._wait_copies()
             entry.state, entry.error = TicketState.FAILED, message.reason
             self._ready.append(entry)
             return
@@ -93,8 +95,14 @@ class KVReceiver:
             self._copy(entry, message, payload)
             entry.chunks_applied[message.seq_id] += 1
         if self._complete(entry):
+            self._wait_copies()  # the KV is in place before anyone is told it is
             entry.state = TicketState.COMPLETE
             self._ready.append(entry)
+
+    def _wait_copies(self) -> None:
+        """Copies run asynchronously on a side stream; wait for them (completion, revoke, expiry)."""
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def _copy(self, entry: _Entry, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
         allowed = entry.allowed_blocks[chunk.seq_id]
@@ -112,8 +120,6 @@ class KVReceiver:
                 layer[0, dst : dst + n].copy_(payload[2 * i])
                 layer[1, dst : dst + n].copy_(payload[2 * i + 1])
             entry.num_bytes += 2 * payload[2 * i].nbytes
-        if self._stream is not None:
-            self._stream.synchronize()
 
     def _complete(self, entry: _Entry) -> bool:
         return len(entry.handoffs) == len(entry.ticket.seqs) and all(
@@ -145,6 +151,7 @@ class KVReceiver:
 
     def _expire_if_due(self, entry: _Entry, now_s: float) -> None:
         if now_s > entry.ticket.deadline_s:
+            self._wait_copies()
             entry.state, entry.error = TicketState.EXPIRED, "KV transfer lease expired"
             self._ready.append(entry)
 
@@ -155,6 +162,7 @@ class KVReceiver:
             if entry is None:
                 return False
             entry.state, entry.error = TicketState.FAILED, reason
+            self._wait_copies()
             self._record(entry)
             return True
 

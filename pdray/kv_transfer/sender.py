@@ -46,8 +46,7 @@ class _SeqSend:
 @dataclass
 class _Planned:
     state: _SeqSend
-    src_table: list[int]
-    start: int
+    runs: list[tuple[int, int, int]]  # (src_block, dst_block, num_blocks), merged once per step
     end: int
 
 
@@ -96,7 +95,10 @@ class KVSender:
             else:
                 end = (seq.num_computed_tokens + item.num_new_tokens) // self.block_size
             if end > state.sent_upto:
-                self._plan.append(_Planned(state, list(seq.block_table), state.sent_upto, end))
+                start, dst_table = state.sent_upto, state.seq_ticket.block_table
+                runs = merge_runs(seq.block_table[start:end], dst_table[start:end])
+                triples = [(r.src, r.dst, r.num_blocks) for r in runs]
+                self._plan.append(_Planned(state, triples, end))
 
     def on_layer(self, layer: int) -> None:
         if not self._plan:
@@ -106,17 +108,16 @@ class KVSender:
             event = torch.cuda.Event()
             event.record()
         for p in self._plan:
-            dst_table = p.state.seq_ticket.block_table
-            runs = merge_runs(p.src_table[p.start : p.end], dst_table[p.start : p.end])
             payload = []
-            for run in runs:
-                blocks = slice(run.src, run.src + run.num_blocks)
-                payload += [self.kv_cache[layer, 0, blocks], self.kv_cache[layer, 1, blocks]]
+            for src, _, n in p.runs:
+                payload += [
+                    self.kv_cache[layer, 0, src : src + n],
+                    self.kv_cache[layer, 1, src : src + n],
+                ]
             ticket = p.state.ticket
             chunk = LayerChunk(
                 request_id=ticket.request_id, generation=ticket.generation,
-                seq_id=p.state.seq_ticket.seq_id, layer=layer,
-                runs=[(r.src, r.dst, r.num_blocks) for r in runs],
+                seq_id=p.state.seq_ticket.seq_id, layer=layer, runs=p.runs,
             )  # fmt: skip
             p.state.num_chunks += 1
             self.metrics.chunks_sent += 1
