@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
-import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -187,10 +186,6 @@ def resolve_transport(transport: str, engine: LLMEngine) -> str:
     if transport != "auto":
         return transport
     return "cuda_ipc" if engine.runner.device.type == "cuda" else "ucx"
-
-
-def hostname() -> str:
-    return socket.gethostname()
 
 
 async def stream_outputs(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 
@@ -17,14 +18,12 @@ from ray import serve
 from deployments.args import AppArgs
 from deployments.engine_replica import (
     _abort,
-    hostname,
     make_engine_thread,
     params_from,
     stream_outputs,
 )
 from deployments.redis_host import resolve_redis_url
 from pdray.config import Role
-from pdray.engine.sequence import SequenceStatus
 from pdray.kv_transfer.base import Ticket
 from pdray.router.store import InstanceRecord, record_key
 
@@ -105,16 +104,13 @@ class PDReplica:
         scheduler = self.engine.scheduler
         waiting = list(scheduler.waiting)
         running = list(scheduler.running)
-        queued = sum(
-            s.num_uncomputed_tokens
-            for s in waiting + running
-            if s.status is not SequenceStatus.FINISHED and s.num_output_tokens == 0
-        )
+        # Prompt tokens not yet prefilled (queued sequences are never FINISHED).
+        queued = sum(s.num_uncomputed_tokens for s in waiting + running if s.num_output_tokens == 0)
         descriptor = getattr(self.worker, "descriptor", None)
         return InstanceRecord(
             instance_id=self.replica_id,
             role=self.role,
-            host=hostname(),
+            host=socket.gethostname(),
             address={"replica_id": self.replica_id},
             kv_transport={} if descriptor is None else descriptor.model_dump(mode="json"),
             queued_prefill_tokens=queued,

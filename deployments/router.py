@@ -163,7 +163,7 @@ class _InstanceFailed(RuntimeError):
 async def _call(response, instance_id: str):
     try:
         return await asyncio.wait_for(response, _RESERVE_TIMEOUT_S)
-    except (asyncio.TimeoutError, Exception) as e:
+    except Exception as e:  # timeout, replica death, or an error it raised
         raise _InstanceFailed(instance_id, f"{type(e).__name__}: {e}") from None
 
 

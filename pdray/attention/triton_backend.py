@@ -19,6 +19,7 @@ from kernels.kv_write import write_kv
 from kernels.paged_decode import choose_num_splits, paged_decode_attention
 from kernels.paged_prefill import paged_prefill_attention
 from pdray.attention.base import AttentionBackend, AttentionMetadata
+from pdray.attention.torch_backend import gather_context
 
 SDPA_MIN_TOKENS = 1024
 
@@ -79,12 +80,10 @@ class TritonAttentionBackend(AttentionBackend):
         query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         out = torch.empty_like(query)
-        block_size = kv_cache.shape[2]
         start = 0
         for i, seq_len in enumerate(meta.seq_lens_cpu):
-            blocks = meta.block_tables[i, : -(-seq_len // block_size)].long()
-            k = kv_cache[0, blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, L, D]
-            v = kv_cache[1, blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+            k, v = gather_context(kv_cache, meta.block_tables[i], seq_len)  # [L, Hkv, D]
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, L, D]
             q = query[start : start + seq_len].transpose(0, 1)  # [Hq, L, D]
             o = F.scaled_dot_product_attention(
                 q.unsqueeze(0),

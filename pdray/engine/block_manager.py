@@ -38,7 +38,6 @@ class BlockManager:
         # Free blocks in eviction order: least recently freed first.
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.num_prefix_hits = 0
-        self.num_prefix_queries = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -59,7 +58,6 @@ class BlockManager:
             return
         num_full = (len(seq) - 1) // self.block_size
         parent = _NO_HASH
-        self.num_prefix_queries += num_full
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             h = chain_hash(parent, tokens)
@@ -145,7 +143,3 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
-
-    def reset_prefix_cache(self) -> None:
-        for block in self.free_blocks:
-            self._evict_hash(block)

@@ -35,10 +35,6 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
 
 class Scheduler:
     def __init__(
@@ -56,9 +52,6 @@ class Scheduler:
         self.held: dict[str, Sequence] = {}
         self.awaiting_kv: dict[str, Sequence] = {}
         self.num_preemptions = 0
-
-    def __len__(self) -> int:
-        return len(self.waiting) + len(self.running)
 
     @property
     def has_work(self) -> bool:

@@ -13,6 +13,7 @@ start: only then may the engine free them.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -108,18 +109,17 @@ class KVReceiver:
         allowed = entry.allowed_blocks[chunk.seq_id]
         if len(payload) != 2 * len(chunk.runs):
             raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
-        for i, (_, dst, n) in enumerate(chunk.runs):
-            if any(b not in allowed for b in range(dst, dst + n)):
-                raise ValueError(f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}")
-            layer = self.kv_cache[chunk.layer]
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    layer[0, dst : dst + n].copy_(payload[2 * i], non_blocking=True)
-                    layer[1, dst : dst + n].copy_(payload[2 * i + 1], non_blocking=True)
-            else:
-                layer[0, dst : dst + n].copy_(payload[2 * i])
-                layer[1, dst : dst + n].copy_(payload[2 * i + 1])
-            entry.num_bytes += 2 * payload[2 * i].nbytes
+        layer = self.kv_cache[chunk.layer]
+        side_stream = self._stream is not None
+        with torch.cuda.stream(self._stream) if side_stream else contextlib.nullcontext():
+            for i, (_, dst, n) in enumerate(chunk.runs):
+                if any(b not in allowed for b in range(dst, dst + n)):
+                    raise ValueError(
+                        f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}"
+                    )
+                layer[0, dst : dst + n].copy_(payload[2 * i], non_blocking=side_stream)
+                layer[1, dst : dst + n].copy_(payload[2 * i + 1], non_blocking=side_stream)
+                entry.num_bytes += 2 * payload[2 * i].nbytes
 
     def _complete(self, entry: _Entry) -> bool:
         return len(entry.handoffs) == len(entry.ticket.seqs) and all(

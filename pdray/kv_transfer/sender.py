@@ -78,9 +78,6 @@ class KVSender:
             first = seq.num_cached_tokens // self.block_size
             self._seqs[seq.seq_id] = _SeqSend(ticket, seq, first)
 
-    def has_ticket(self, seq_id: str) -> bool:
-        return seq_id in self._seqs
-
     # -- during a step -------------------------------------------------------------------------
 
     def begin_step(self, scheduled: list[ScheduledSeq]) -> None:

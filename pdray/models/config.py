@@ -36,11 +36,6 @@ class ModelArch:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V over all layers for one token, per byte of element size."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
-
 
 def read_config_json(model_dir: Path) -> dict:
     path = model_dir / "config.json"

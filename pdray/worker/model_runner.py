@@ -124,21 +124,16 @@ class ModelRunner:
     # -- one step ------------------------------------------------------------------------------------
 
     def _metadata(self, batch: StepBatch) -> AttentionMetadata:
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, pin_memory=self._pin).to(
-                self.device, non_blocking=True
-            )
-
         max_blocks = max(len(t) for t in batch.block_tables)
         tables = [t + [0] * (max_blocks - len(t)) for t in batch.block_tables]
         starts = [0]
         for n in batch.query_lens:
             starts.append(starts[-1] + n)
         return AttentionMetadata(
-            slot_mapping=tensor(batch.slot_mapping, torch.int64),
-            query_start_loc=tensor(starts, torch.int32),
-            seq_lens=tensor(batch.seq_lens, torch.int32),
-            block_tables=tensor(tables, torch.int32),
+            slot_mapping=self._to_device(batch.slot_mapping, torch.int64),
+            query_start_loc=self._to_device(starts, torch.int32),
+            seq_lens=self._to_device(batch.seq_lens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32),
             query_lens_cpu=batch.query_lens,
             seq_lens_cpu=batch.seq_lens,
             max_query_len=max(batch.query_lens),
@@ -149,8 +144,8 @@ class ModelRunner:
     def _pin(self) -> bool:
         return self.device.type == "cuda"
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, pin_memory=self._pin).to(
+    def _to_device(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, pin_memory=self._pin).to(
             self.device, non_blocking=True
         )
 
