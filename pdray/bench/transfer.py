@@ -4,11 +4,13 @@
 
 bandwidth  A Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head_dim 128, bf16, 16-token
            blocks) lives in this process (receiver) and in a sender process. Per prompt length
-           the sender streams the prompt's blocks layer by layer (KVSender -> CudaIpcTransport ->
-           KVReceiver), hands off and flushes. GB/s = bytes moved / (first layer handed to the
-           sender .. flush acknowledged), next to copy rates measured in the same run on the same
-           GPU: a plain large torch copy, a plain copy of the same size, the same-size copy out of
-           the IPC mapping, and the transfer's own per-layer copies issued back to back.
+           the sender hands the prompt's written blocks to KVSender -> CudaIpcTransport ->
+           KVReceiver (all layers at once, as when a prompt's KV is complete; and, for 8k, layer
+           by layer with no compute between layers to hide the per-layer cost), hands off and
+           flushes. GB/s = bytes moved / (KV handed to the sender .. flush acknowledged), next to
+           copy rates measured in the same run on the same GPU: a plain large torch copy, a plain
+           copy of the same size, the same-size copy out of the IPC mapping, and the transfer's
+           own copy (all layers of the run) by torch's strided copy and by kernels.run_copy.
 ttft       dummy:llama3-8b prefill and decode engines in two processes on the GPU: an 8k prompt's
            time to first token at the decode side with layer-wise streaming, with the whole
            transfer after the prefill, and the prefill alone (no transfer).
@@ -60,7 +62,9 @@ def _median_copy_s(copy, reps: int = 10) -> float:
 
 
 def _sender_main(conn, num_blocks: int) -> None:
-    """Sender process: streams each job's blocks like a prefill forward would, then flushes."""
+    """Sender process: sends each job's blocks (all layers at once, as when the KV is complete,
+    or layer by layer, as a forward streams it, with no compute between layers), hands off and
+    flushes."""
     from pdray.engine.scheduler import ScheduledSeq
     from pdray.engine.sequence import Sequence
     from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
@@ -77,79 +81,59 @@ def _sender_main(conn, num_blocks: int) -> None:
         if job == "headers":
             conn.send(_headers_only(transport, cache))
             continue
-        ticket, src = Ticket(**job[0]), job[1]
+        ticket, src, streamed = Ticket(**job[0]), job[1], job[2]
         num_tokens = len(src) * BLOCK
         seq = Sequence(ticket.seqs[0].seq_id, ticket.request_id, 0, [0] * num_tokens, num_tokens,
                        SamplingParams())  # fmt: skip
         seq.block_table = list(src)
         sender.add_ticket(ticket)
         torch.cuda.synchronize()
+        chunks_before = sender.metrics.chunks_sent
         start = time.perf_counter()
         sender.begin_step([ScheduledSeq(seq, num_tokens)])
-        for layer in range(LAYERS):
-            sender.on_layer(layer)
+        if streamed:
+            for layer in range(LAYERS):
+                sender.on_layer(layer)
+        else:
+            sender.on_layer(0, LAYERS)
         on_layer_s = time.perf_counter() - start
         sender.end_step()
         sender.flush(sender.handoff(seq.seq_id, SampledToken(0), None), 60.0)
-        conn.send((time.perf_counter() - start, on_layer_s))
+        elapsed = time.perf_counter() - start
+        conn.send((elapsed, on_layer_s, sender.metrics.chunks_sent - chunks_before))
     transport.close()
 
 
 def _copy_ceilings(cache, mapped, plain_buffers, n: int, dst_start: int) -> dict:
-    """GB/s of a plain copy and of a copy out of the IPC mapping, both of the transfer's size; of
-    the transfer's own per-layer K and V copies issued back to back with no synchronisation; of
-    one strided copy per layer (K and V together); and of one strided copy of all layers."""
+    """GB/s of a plain copy and of a copy out of the IPC mapping, both of the transfer's size; and
+    of the transfer's own copy (all layers' K and V of one run) by torch's strided `copy_` and by
+    the receiver's kernel (`kernels.run_copy`)."""
+    from kernels.run_copy import copy_run
+
     num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
     src, dst = (b[:num_bytes] for b in plain_buffers)
     local = cache.view(-1).view(torch.uint8)[:num_bytes]
     remote = mapped.view(-1).view(torch.uint8)[:num_bytes]
-
     blocks = slice(dst_start, dst_start + n)
-
-    def layerwise() -> None:
-        for layer in range(LAYERS):
-            for kv in (0, 1):
-                cache[layer, kv, blocks].copy_(mapped[layer, kv, :n])
-
-    def layerwise_kv() -> None:
-        for layer in range(LAYERS):
-            cache[layer, :, blocks].copy_(mapped[layer, :, :n])
-
-    def layerwise_synced() -> None:  # the receiver's pattern: a side stream, synced per layer
-        with torch.cuda.stream(side):
-            for layer in range(LAYERS):
-                for kv in (0, 1):
-                    cache[layer, kv, blocks].copy_(mapped[layer, kv, :n], non_blocking=True)
-                side.synchronize()
 
     def gbps(copy) -> float:
         return num_bytes / _median_copy_s(copy) / 1e9
 
-    side = torch.cuda.Stream()
-    layerwise_synced()
-    wall_s = []
-    for _ in range(5):
-        start = time.perf_counter()
-        layerwise_synced()
-        wall_s.append(time.perf_counter() - start)
-
     return {
         "d2d_same_size_gbps": gbps(lambda: dst.copy_(src)),
         "ipc_same_size_gbps": gbps(lambda: local.copy_(remote)),
-        "ipc_layerwise_copies_gbps": gbps(layerwise),
-        "ipc_layerwise_kv_strided_copies_gbps": gbps(layerwise_kv),
-        "ipc_one_strided_copy_gbps": gbps(lambda: cache[:, :, blocks].copy_(mapped[:, :, :n])),
-        "ipc_layerwise_synced_gbps": num_bytes / statistics.median(wall_s) / 1e9,
+        "ipc_torch_strided_copy_gbps": gbps(lambda: cache[:, :, blocks].copy_(mapped[:, :, :n])),
+        "ipc_run_copy_kernel_gbps": gbps(lambda: copy_run(cache[:, :, blocks], mapped[:, :, :n])),
     }
 
 
 def _headers_only(transport, cache, count: int = 1000) -> float:
     """Seconds per LayerChunk header through the transport alone (the receiver ignores them)."""
-    from pdray.kv_transfer.base import LayerChunk
+    from pdray.kv_transfer.base import LayerChunk, run_payload
 
     chunk = LayerChunk(request_id="headers", generation=0, seq_id="headers", layer=0,
                        runs=[(0, 0, 1)])  # fmt: skip
-    payload = [cache[0, 0, :1], cache[0, 1, :1]]
+    payload = run_payload(cache, chunk)
     start = time.perf_counter()
     for _ in range(count):
         transport.send("bench-receiver", chunk, payload)
@@ -188,14 +172,16 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
     d2d_large_gbps = largest / _median_copy_s(lambda: big_dst.copy_(big_src)) / 1e9
     report = {"d2d_large_bytes": largest, "d2d_large_gbps": d2d_large_gbps, "cases": []}
     generations = itertools.count(1)
-    cases = [(n, False) for n in lengths] + [(8192, True)]
-    for num_tokens, fragmented in cases:
+    cases = [(n, False, False) for n in lengths] + [(8192, False, True), (8192, True, False)]
+    for num_tokens, fragmented, streamed in cases:
         n = num_tokens // BLOCK
         src = list(range(n))
         dst = list(range(pad, pad + 2 * n, 2)) if fragmented else list(range(pad, pad + n))
-        times, applies, on_layer = [], [], []
+        times, applies, on_layer, messages = [], [], [], []
+        layout = "fragmented: every other decode block" if fragmented else "contiguous"
+        sent = "layer by layer" if streamed else "all layers at once"
         for i in range(1 + (2 if fragmented else iters)):
-            request_id = f"bw-{num_tokens}-{'frag' if fragmented else 'contig'}-{i}"
+            request_id = f"bw-{num_tokens}-{layout[:4]}-{sent[:3]}-{i}"
             ticket = Ticket(
                 request_id=request_id, generation=next(generations),
                 seqs=[SeqTicket(seq_id=f"{request_id}-0", block_table=dst, num_cached_tokens=0)],
@@ -203,8 +189,8 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
             )  # fmt: skip
             receiver.expect(ticket)
             apply_s[0] = 0.0
-            conn.send((ticket.model_dump(), src))
-            elapsed, on_layer_s = conn.recv()
+            conn.send((ticket.model_dump(), src, streamed))
+            elapsed, on_layer_s, num_messages = conn.recv()
             ((_, state, _, error),) = receiver.poll()
             if state is not TicketState.COMPLETE:
                 raise RuntimeError(f"transfer of {request_id} ended {state.value}: {error}")
@@ -212,11 +198,13 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
                 times.append(elapsed)
                 applies.append(apply_s[0])
                 on_layer.append(on_layer_s)
+                messages.append(num_messages)
         mapped = transport.mapped_caches()[0]
         num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
         case = {
             "tokens": num_tokens,
-            "layout": "fragmented: every other decode block" if fragmented else "contiguous",
+            "layout": layout,
+            "sent": sent,
             "runs_per_layer": n if fragmented else 1,
             "bytes": num_bytes,
             "exact": bool(torch.equal(cache[:, :, dst], mapped[:, :, src])),
@@ -225,8 +213,9 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
             "receiver_apply_gbps": num_bytes / statistics.median(applies) / 1e9,
             "receiver_apply_ms": statistics.median(applies) * 1e3,
             "sender_on_layer_ms": statistics.median(on_layer) * 1e3,
+            "chunk_messages": messages,
         }
-        if not fragmented:
+        if not (fragmented or streamed):
             case |= _copy_ceilings(cache, mapped, (big_src, big_dst), n, pad)
             case["ratio_vs_d2d_same_size"] = case["transfer_gbps"] / case["d2d_same_size_gbps"]
             case["ratio_vs_ipc_same_size"] = case["transfer_gbps"] / case["ipc_same_size_gbps"]
@@ -481,9 +470,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plain D2D copy ({bw['d2d_large_bytes'] / 1e9:.1f} GB): {bw['d2d_large_gbps']:.0f} GB/s; "
           f"transport {bw['transport_us_per_header']:.1f} us per header")  # fmt: skip
     for c in bw["cases"]:
-        print(f"{c['tokens']:>6} tokens {c['layout'][:10]:<10} {c['transfer_gbps']:7.1f} GB/s  "
-              f"x{c['ratio_vs_d2d_large']:.2f} of D2D  apply {c['receiver_apply_gbps']:.0f} GB/s  "
-              f"exact={c['exact']}")  # fmt: skip
+        same_size = (
+            f" x{c['ratio_vs_d2d_same_size']:.3f} of same-size D2D"
+            if "ratio_vs_d2d_same_size" in c
+            else ""
+        )
+        print(f"{c['tokens']:>6} tokens {c['layout'][:10]:<10} {c['sent']:<18} "
+              f"{c['transfer_gbps']:7.1f} GB/s  x{c['ratio_vs_d2d_large']:.3f} of D2D{same_size}  "
+              f"apply {c['receiver_apply_gbps']:.0f} GB/s  exact={c['exact']}")  # fmt: skip
     if "ttft" in report:
         t = report["ttft"]
         print(f"TTFT {t['prompt_tokens']} tokens ({t['attention_backend']}): "

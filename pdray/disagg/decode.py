@@ -105,9 +105,9 @@ class DecodeWorker:
         self.engine.abort_request(request_id)
 
     def step(self) -> list[RequestOutput]:
-        outputs = self.poll_transfers()
-        outputs += self.engine.step()
-        return outputs
+        """Admissions (each a request's first token) come back at once, before a decode step
+        delays them; otherwise one engine step."""
+        return self.poll_transfers() or self.engine.step()
 
     def has_work(self) -> bool:
         return bool(self.pending) or self.engine.scheduler.has_work

@@ -3,8 +3,9 @@
 Data flow for one request (decode side owns the destination and decides what is applied):
 
   decode  reserve blocks under a lease -> Ticket(request_id, generation, destination blocks, deadline)
-  prefill for each forward step, for each layer as soon as it is computed:
-              LayerChunk(header: runs of (src block, dst block, n)) + payload (K and V of the runs)
+  prefill for each forward step, for each layer as soon as it is computed (consecutive layers that
+          are ready together travel as one chunk):
+              LayerChunk(header: layers, runs of (src block, dst block, n)) + payload (K and V of the runs)
           after the first token: Handoff(first token, sampler state, number of chunks sent)
   decode  applies a chunk only while the ticket (request_id, generation) is live, under its lock;
           complete when the Handoff arrived and every chunk it counts was applied -> admit.
@@ -97,13 +98,15 @@ class Ticket(BaseModel):
 
 
 class LayerChunk(BaseModel):
-    """Header of one layer's KV for one sequence; the payload holds K and V of each run."""
+    """Header of the KV of layers [layer, layer + num_layers) for one sequence's block runs; the
+    payload holds, per run, K and V of those layers: [num_layers, 2, n, block_size, Hkv, D]."""
 
     model_config = ConfigDict(extra="forbid")
     request_id: str
     generation: int
     seq_id: str
-    layer: int
+    layer: int = Field(description="first layer")
+    num_layers: int = Field(1, ge=1)
     runs: list[tuple[int, int, int]] = Field(description="(src_block, dst_block, num_blocks)")
 
 
@@ -114,7 +117,7 @@ class Handoff(BaseModel):
     request_id: str
     generation: int
     seq_id: str
-    num_chunks: int
+    num_chunks: int = Field(description="layer chunks sent; one of k layers counts k")
     first_token_id: int
     logprob: float | None = None
     rank: int | None = None
@@ -154,6 +157,12 @@ def merge_runs(src_blocks: list[int], dst_blocks: list[int]) -> list[BlockRun]:
     return runs
 
 
+def run_payload(kv_cache: torch.Tensor, chunk: LayerChunk) -> list[torch.Tensor]:
+    """Views of `kv_cache` holding the chunk's source runs (what a sender's payload is)."""
+    layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
+    return [kv_cache[layers, :, src : src + n] for src, _, n in chunk.runs]
+
+
 class TransferError(RuntimeError):
     pass
 
@@ -163,8 +172,8 @@ class KVTransport(ABC):
 
     Receiver side: `listen(kv_cache, on_message)` starts delivering incoming messages to
     on_message (from a transport thread) and returns the descriptor peers connect with.
-    For LayerChunk, the payload is [K_run0, V_run0, K_run1, ...], each [n, block_size, Hkv, D];
-    the receiver copies them into its blocks. Sender side: `register(kv_cache)`, `connect(peer)`,
+    For LayerChunk, the payload is one tensor per run, [num_layers, 2, n, block_size, Hkv, D]
+    (K and V of the chunk's layers); the receiver copies them into its blocks. Sender side: `register(kv_cache)`, `connect(peer)`,
     `send(peer_id, message, payload)` (may return before the bytes left), `flush(peer_id)` waits
     until everything sent to that peer was delivered or raises TransferError.
     """

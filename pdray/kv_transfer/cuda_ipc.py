@@ -48,6 +48,7 @@ from pdray.kv_transfer.base import (
     TransferAbort,
     TransferError,
     TransportKind,
+    run_payload,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,16 +188,13 @@ def _coalesce(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
 
 
 def _views(cache: torch.Tensor, chunk: LayerChunk) -> list[torch.Tensor] | None:
-    """[K_run0, V_run0, ...] of the sender cache for the chunk's runs; None if out of range."""
+    """The sender cache's runs of the chunk (its payload); None if out of range."""
     num_layers, _, num_blocks = cache.shape[:3]
-    if not 0 <= chunk.layer < num_layers:
+    if not 0 <= chunk.layer <= chunk.layer + chunk.num_layers <= num_layers:
         return None
-    payload = []
-    for src, _, n in chunk.runs:
-        if n < 1 or src < 0 or src + n > num_blocks:
-            return None
-        payload += [cache[chunk.layer, 0, src : src + n], cache[chunk.layer, 1, src : src + n]]
-    return payload
+    if any(n < 1 or src < 0 or src + n > num_blocks for src, _, n in chunk.runs):
+        return None
+    return run_payload(cache, chunk)
 
 
 # -- sender side -----------------------------------------------------------------------------------
@@ -423,7 +421,7 @@ class CudaIpcTransport(KVTransport):
         return link
 
     def send(self, peer_id: str, message: Message, payload: list[torch.Tensor]) -> None:
-        if isinstance(message, LayerChunk) and len(payload) != 2 * len(message.runs):
+        if isinstance(message, LayerChunk) and len(payload) != len(message.runs):
             raise ValueError(f"{len(payload)} payload tensors for {len(message.runs)} runs")
         self._link(peer_id).write(_encode(message))
 

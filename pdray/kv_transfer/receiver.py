@@ -13,7 +13,6 @@ start: only then may the engine free them.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import threading
@@ -94,7 +93,7 @@ class KVReceiver:
             entry.handoffs[message.seq_id] = message
         else:
             self._copy(entry, message, payload)
-            entry.chunks_applied[message.seq_id] += 1
+            entry.chunks_applied[message.seq_id] += message.num_layers
         if self._complete(entry):
             self._wait_copies()  # the KV is in place before anyone is told it is
             entry.state = TicketState.COMPLETE
@@ -107,19 +106,25 @@ class KVReceiver:
 
     def _copy(self, entry: _Entry, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
         allowed = entry.allowed_blocks[chunk.seq_id]
-        if len(payload) != 2 * len(chunk.runs):
+        if len(payload) != len(chunk.runs):
             raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
-        layer = self.kv_cache[chunk.layer]
-        side_stream = self._stream is not None
-        with torch.cuda.stream(self._stream) if side_stream else contextlib.nullcontext():
-            for i, (_, dst, n) in enumerate(chunk.runs):
-                if any(b not in allowed for b in range(dst, dst + n)):
-                    raise ValueError(
-                        f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}"
-                    )
-                layer[0, dst : dst + n].copy_(payload[2 * i], non_blocking=side_stream)
-                layer[1, dst : dst + n].copy_(payload[2 * i + 1], non_blocking=side_stream)
-                entry.num_bytes += 2 * payload[2 * i].nbytes
+        if not 0 <= chunk.layer <= chunk.layer + chunk.num_layers <= self.kv_cache.shape[0]:
+            raise ValueError(f"layers {chunk.layer}+{chunk.num_layers} outside the KV cache")
+        for _, dst, n in chunk.runs:
+            if any(b not in allowed for b in range(dst, dst + n)):
+                raise ValueError(f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}")
+        layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
+        if self._stream is None:
+            for (_, dst, n), src in zip(chunk.runs, payload, strict=True):
+                self.kv_cache[layers, :, dst : dst + n].copy_(src)
+        else:
+            from kernels.run_copy import copy_run
+
+            with torch.cuda.stream(self._stream):
+                for (_, dst, n), src in zip(chunk.runs, payload, strict=True):
+                    copy_run(self.kv_cache[layers, :, dst : dst + n], src)
+                    src.record_stream(self._stream)  # a transport's buffer outlives the copy
+        entry.num_bytes += sum(src.nbytes for src in payload)
 
     def _complete(self, entry: _Entry) -> bool:
         return len(entry.handoffs) == len(entry.ticket.seqs) and all(

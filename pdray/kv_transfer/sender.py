@@ -5,7 +5,8 @@ Per ticketed sequence:  add_ticket -> (each step) begin_step -> on_layer x num_l
 Blocks already on the decode side (its prefix hits) are never sent. Only full blocks are sent
 until the step that completes the prompt, which also sends the partial last block, so no block
 is sent twice. On GPU a layer's chunk is sent from a thread once a CUDA event says it is written,
-so the transfer overlaps the rest of the forward.
+so the transfer overlaps the rest of the forward; layers already written when the thread gets to
+them travel in one chunk (one header, one copy per run for all of them).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pdray.kv_transfer.base import (
     TransferAbort,
     TransferError,
     merge_runs,
+    run_payload,
 )
 from pdray.kv_transfer.metrics import TransferMetrics
 from pdray.worker.batch import SampledToken
@@ -48,6 +50,14 @@ class _Planned:
     state: _SeqSend
     runs: list[tuple[int, int, int]]  # (src_block, dst_block, num_blocks), merged once per step
     end: int
+
+
+@dataclass
+class _Layers:
+    plan: list[_Planned]  # the step's plan (one list object per step)
+    layer: int
+    num_layers: int
+    event: torch.cuda.Event  # recorded after the layers' KV was written
 
 
 class KVSender:
@@ -97,29 +107,16 @@ class KVSender:
                 triples = [(r.src, r.dst, r.num_blocks) for r in runs]
                 self._plan.append(_Planned(state, triples, end))
 
-    def on_layer(self, layer: int) -> None:
+    def on_layer(self, layer: int, num_layers: int = 1) -> None:
+        """Layers [layer, layer + num_layers) of this step are written (queued on the stream)."""
         if not self._plan:
             return
-        event = None
-        if self._queue is not None:
-            event = torch.cuda.Event()
-            event.record()
-        for p in self._plan:
-            payload = []
-            for src, _, n in p.runs:
-                payload += [
-                    self.kv_cache[layer, 0, src : src + n],
-                    self.kv_cache[layer, 1, src : src + n],
-                ]
-            ticket = p.state.ticket
-            chunk = LayerChunk(
-                request_id=ticket.request_id, generation=ticket.generation,
-                seq_id=p.state.seq_ticket.seq_id, layer=layer, runs=p.runs,
-            )  # fmt: skip
-            p.state.num_chunks += 1
-            self.metrics.chunks_sent += 1
-            self.metrics.bytes_sent += sum(t.nbytes for t in payload)
-            self._send(ticket.receiver.engine_id, chunk, payload, event, p.state)
+        if self._queue is None:
+            self._send_layers(self._plan, layer, num_layers)
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self._queue.put(_Layers(self._plan, layer, num_layers, event))
 
     def end_step(self) -> None:
         for p in self._plan:
@@ -166,14 +163,21 @@ class KVSender:
             self._queue.join()
         self.transport.send(peer_id, message, [])
 
-    def _send(self, peer_id, message, payload, event, state: _SeqSend) -> None:
-        if self._queue is not None:
-            self._queue.put((peer_id, message, payload, event, state))
-            return
-        try:
-            self.transport.send(peer_id, message, payload)
-        except Exception as e:  # never break the forward: the hand-off reports it
-            self._failed(state, peer_id, e)
+    def _send_layers(self, plan: list[_Planned], layer: int, num_layers: int) -> None:
+        for p in plan:
+            ticket = p.state.ticket
+            chunk = LayerChunk(
+                request_id=ticket.request_id, generation=ticket.generation,
+                seq_id=p.state.seq_ticket.seq_id, layer=layer, num_layers=num_layers, runs=p.runs,
+            )  # fmt: skip
+            payload = run_payload(self.kv_cache, chunk)
+            p.state.num_chunks += num_layers
+            self.metrics.chunks_sent += 1
+            self.metrics.bytes_sent += sum(t.nbytes for t in payload)
+            try:
+                self.transport.send(ticket.receiver.engine_id, chunk, payload)
+            except Exception as e:  # never break the forward: the hand-off reports it
+                self._failed(p.state, ticket.receiver.engine_id, e)
 
     def _failed(self, state: _SeqSend, peer_id: str, error: Exception) -> None:
         self.metrics.failures += 1
@@ -181,13 +185,26 @@ class KVSender:
         logger.warning("KV send to %s failed: %s", peer_id, error)
 
     def _send_loop(self) -> None:
+        """Sends each layer once its event fired, together with the following layers of the same
+        step that are already written: one message for a run of ready layers."""
+        pending: _Layers | None = None
         while True:
-            peer_id, message, payload, event, state = self._queue.get()
+            first = pending or self._queue.get()
+            pending, num_layers, count = None, first.num_layers, 1
             try:
-                if event is not None:
-                    event.synchronize()
-                self.transport.send(peer_id, message, payload)
-            except Exception as e:
-                self._failed(state, peer_id, e)
+                first.event.synchronize()
+                while pending is None:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    count += 1
+                    follows = item.plan is first.plan and item.layer == first.layer + num_layers
+                    if follows and item.event.query():
+                        num_layers += item.num_layers
+                    else:
+                        pending, count = item, count - 1
+                self._send_layers(first.plan, first.layer, num_layers)
             finally:
-                self._queue.task_done()
+                for _ in range(count):
+                    self._queue.task_done()

@@ -5,8 +5,8 @@ where all ucxx calls run; engine threads only post work to it. UCX options (NET_
 are fixed by the first transport of the process.
 
   receiver  listen() -> UCX listener on `port` (all interfaces; `host` is the address advertised)
-            per incoming endpoint, in order: frame -> header -> [LayerChunk: K, V of each run into
-            fresh buffers on the cache's device] -> on_message(message, payload) on the loop thread;
+            per incoming endpoint, in order: frame -> header -> [LayerChunk: each run's K and V
+            of the chunk's layers into a fresh buffer on the cache's device] -> on_message(message, payload) on the loop thread;
             a flush marker is answered with an ack once every earlier message was delivered
   sender    connect(peer) -> endpoint (idempotent; reconnects after a failure)
             send() -> header and payload posted on the loop thread in call order (never blocks)
@@ -256,15 +256,15 @@ class UcxTransport(KVTransport):
         sizes = [n for _, _, n in message.runs]
         if any(n <= 0 for n in sizes) or sum(sizes) > cache.shape[2]:
             raise ValueError(f"bad runs {message.runs} for a cache of {cache.shape[2]} blocks")
-        buffer = torch.empty(
-            (2 * sum(sizes), *cache.shape[3:]), dtype=cache.dtype, device=cache.device
-        )
-        if buffer.is_cuda:
-            torch.cuda.current_stream(buffer.device).synchronize()
-        payload, start = [], 0
-        for n in sizes:
-            payload += [buffer[start : start + n], buffer[start + n : start + 2 * n]]
-            start += 2 * n
+        if not 0 <= message.layer <= message.layer + message.num_layers <= cache.shape[0]:
+            raise ValueError(f"layers {message.layer}+{message.num_layers} outside the KV cache")
+        payload = [
+            torch.empty((message.num_layers, 2, n, *cache.shape[3:]), dtype=cache.dtype,
+                        device=cache.device)
+            for n in sizes
+        ]  # fmt: skip
+        if cache.is_cuda:
+            torch.cuda.current_stream(cache.device).synchronize()
         self._rt.worker.populate_python_futures_pool()
         await asyncio.gather(*(ep.recv(_wire(t)) for t in payload))
         return payload
@@ -331,17 +331,18 @@ class UcxTransport(KVTransport):
         self._rt.loop.call_soon_threadsafe(self._post, peer, buffers)
 
     @staticmethod
+    @staticmethod
     def _check_payload(layout: KVLayout, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
-        if len(payload) != 2 * len(chunk.runs):
+        if len(payload) != len(chunk.runs):
             raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
         itemsize = getattr(torch, layout.dtype).itemsize
         block_bytes = layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
-        for i, t in enumerate(payload):
-            n = chunk.runs[i // 2][2]
-            if t.nbytes != n * block_bytes:
+        for i, (t, (_, _, n)) in enumerate(zip(payload, chunk.runs, strict=True)):
+            need = chunk.num_layers * 2 * n * block_bytes
+            if t.nbytes != need:
                 raise ValueError(
-                    f"payload tensor {i} has {t.nbytes} bytes; {n} blocks of the receiver's "
-                    f"layout need {n * block_bytes}"
+                    f"payload tensor {i} has {t.nbytes} bytes; {chunk.num_layers} layers of {n} "
+                    f"blocks of the receiver's layout need {need}"
                 )
 
     def _post(self, peer: _Peer, buffers: list) -> None:

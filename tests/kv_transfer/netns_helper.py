@@ -23,6 +23,7 @@ from pdray.kv_transfer.base import (
     SeqTicket,
     Ticket,
     merge_runs,
+    run_payload,
 )
 from pdray.kv_transfer.receiver import KVReceiver, TicketState
 from pdray.kv_transfer.ucx import UcxTransport
@@ -62,16 +63,13 @@ def send_ticket(descriptor: KVDescriptor, options: dict) -> None:
         transport.register(source)
         transport.connect(descriptor)
         runs = merge_runs(SRC_BLOCKS, DST_BLOCKS)
-        for layer in range(SHAPE[0]):
-            payload = []
-            for run in runs:
-                blocks = slice(run.src, run.src + run.num_blocks)
-                payload += [source[layer, 0, blocks], source[layer, 1, blocks]]
+        triples = [(r.src, r.dst, r.num_blocks) for r in runs]
+        for layer, num_layers in [(0, 1), (1, SHAPE[0] - 1)]:  # one layer, then the rest at once
             chunk = LayerChunk(
                 request_id=REQUEST_ID, generation=GENERATION, seq_id=SEQ_ID, layer=layer,
-                runs=[(r.src, r.dst, r.num_blocks) for r in runs],
+                num_layers=num_layers, runs=triples,
             )  # fmt: skip
-            transport.send(descriptor.engine_id, chunk, payload)
+            transport.send(descriptor.engine_id, chunk, run_payload(source, chunk))
         handoff = Handoff(
             request_id=REQUEST_ID, generation=GENERATION, seq_id=SEQ_ID, num_chunks=SHAPE[0],
             first_token_id=42, logprob=-0.5, sampler_state=SAMPLER_STATE,

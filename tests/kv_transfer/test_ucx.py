@@ -35,6 +35,7 @@ from pdray.kv_transfer.base import (  # noqa: E402
     TransferAbort,
     TransferError,
     TransportKind,
+    run_payload,
 )
 from pdray.kv_transfer.receiver import KVReceiver, TicketState  # noqa: E402
 
@@ -51,10 +52,11 @@ def pair():
     rx.close()
 
 
-def _chunk(layer: int, runs: list[tuple[int, int, int]]) -> LayerChunk:
+def _chunk(layer: int, runs: list[tuple[int, int, int]], num_layers: int = 1) -> LayerChunk:
     return LayerChunk(
-        request_id=h.REQUEST_ID, generation=h.GENERATION, seq_id=h.SEQ_ID, layer=layer, runs=runs
-    )
+        request_id=h.REQUEST_ID, generation=h.GENERATION, seq_id=h.SEQ_ID, layer=layer,
+        num_layers=num_layers, runs=runs,
+    )  # fmt: skip
 
 
 def _poll_until_done(receiver: KVReceiver, timeout_s: float = 10.0):
@@ -103,8 +105,8 @@ def test_order_and_headers_survive(pair):
             )  # fmt: skip
             payload = []
         else:
-            message = _chunk(i % 2, [(i % 8, 7 - i % 8, 1)])
-            payload = [source[i % 2, 0, i % 8 : i % 8 + 1], source[i % 2, 1, i % 8 : i % 8 + 1]]
+            message = _chunk(i % 2, [(i % 8, 7 - i % 8, 1), (0, 0, 2)], num_layers=2 - i % 2)
+            payload = run_payload(source, message)
         tx.send("decode-1", message, payload)
         sent.append((message, payload))
     tx.send("decode-1", TransferAbort(request_id="r", generation=0, reason="é ✓"), [])
@@ -121,16 +123,18 @@ def test_sender_validates_payload_and_peers(pair):
     cache = torch.zeros(2, 2, 8, 4, 2, 8)
     descriptor = rx.listen("decode-2", cache, lambda m, p: None)
     with pytest.raises(TransferError, match="connect"):
-        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[0, 0, :1], cache[0, 1, :1]])
+        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[:1, :, :1]])
     tx.register(torch.zeros(2, 2, 8, 4, 2, 16))
     with pytest.raises(TransferError, match="layouts differ"):
         tx.connect(descriptor)
     tx.register(cache)
     tx.connect(descriptor)
     with pytest.raises(ValueError, match="payload tensors"):
-        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[0, 0, :1]])
+        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[:1, :, :1], cache[:1, :, :1]])
     with pytest.raises(ValueError, match="bytes"):
-        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[0, 0, :2], cache[0, 1, :2]])
+        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[:1, :, :2]])
+    with pytest.raises(ValueError, match="bytes"):
+        tx.send("decode-2", _chunk(0, [(0, 0, 1)], num_layers=2), [cache[:1, :, :1]])
     with pytest.raises(ValueError, match="already set up"):
         UcxTransport(ucx_options={"TLS": "definitely-not-the-current-setting"})
 
