@@ -3,7 +3,7 @@
     python -m pdray.bench.engine --model dummy:llama3-8b --out bench_engine.json
 
 In one run it measures the GPU's HBM read bandwidth and bf16 matmul rate, then times the model
-runner: decode steps at several batch sizes over a fixed context (graph replay + LM head + sampling,
+runner: decode steps at several batch sizes over a fixed context (graph replay incl. LM head + sampling,
 the way the runner decodes with CUDA graphs; and the runner's eager `execute` for comparison),
 one-prompt prefills, and transformers' own `generate` at batch 1 on the same weights. Bounds:
 decode = (weight bytes + KV bytes read) / read bandwidth; prefill = FLOPs / matmul rate.
@@ -195,17 +195,14 @@ def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, it
     bs = runner.config.block_size
     for n in batch_sizes:
         batch = decode_batch(n, context_len, bs)
-        sample_rows = torch.arange(n, device=runner.device)
 
         def replay_only(batch=batch):
             graphs.graphs[
                 next(b for b in graphs.batch_sizes if b >= len(batch.query_lens))
             ].replay()
 
-        def graph_step(batch=batch, sample_rows=sample_rows):
-            hidden = graphs.run(batch)
-            logits = runner.model.compute_logits(hidden[sample_rows]).float()
-            return runner.sampler(logits, batch.sampling_rows)
+        def graph_step(batch=batch):
+            return runner.sampler(graphs.run(batch), batch.sampling_rows)
 
         graphs.run(batch)  # stage this batch's inputs for replay_only
         gpu_ms = _median_ms(replay_only, iters)
@@ -228,6 +225,54 @@ def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, it
               f"eager {eager_ms:7.3f}), bound {bound_ms:7.3f} ms, "
               f"bound/step {bound_ms / step_ms:.3f}", flush=True)  # fmt: skip
     return rows
+
+
+def profile_decode(runner, counts, batch_sizes, context_len, read_gbps, steps: int = 5) -> dict:
+    """Device time per decode step by kernel (torch.profiler over eager steps: a kernel takes the
+    same time inside a CUDA graph), and the bandwidth the linear layers' kernels reach."""
+    from torch.profiler import ProfilerActivity, profile
+
+    report = {}
+    for n in batch_sizes:
+        batch = decode_batch(n, context_len, runner.config.block_size)
+        runner.graphs, graphs = None, runner.graphs
+        runner.execute(batch)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner.execute(batch)
+            torch.cuda.synchronize()
+        runner.graphs = graphs
+        kernels = [
+            (e.key, e.device_time_total / steps, e.count // steps)
+            for e in prof.key_averages()
+            if e.device_time_total > 0
+        ]
+        kernels.sort(key=lambda k: -k[1])
+        total_us = sum(us for _, us, _ in kernels)
+        gemm_us = sum(us for name, us, _ in kernels if _is_gemm(name))
+        report[n] = {
+            "device_us_per_step": total_us,
+            "gemm_us_per_step": gemm_us,
+            "gemm_read_gbps": counts["weight_read_bytes"] / (gemm_us * 1e-6) / 1e9,
+            "gemm_fraction_of_read_bandwidth": counts["weight_read_bytes"]
+            / (gemm_us * 1e-6)
+            / (read_gbps * 1e9),
+            "top_kernels": [
+                {"kernel": name[:120], "us_per_step": us, "launches_per_step": count}
+                for name, us, count in kernels[:15]
+            ],
+        }
+        print(f"profile b={n}: device {total_us:.0f} us/step, linear kernels {gemm_us:.0f} us "
+              f"({report[n]['gemm_fraction_of_read_bandwidth']:.2f} of read bandwidth)")  # fmt: skip
+        for name, us, count in kernels[:8]:
+            print(f"    {us:8.1f} us  x{count:<4d} {name[:90]}")
+    return report
+
+
+def _is_gemm(name: str) -> bool:
+    name = name.lower()
+    return any(k in name for k in ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "matmul"))
 
 
 def bench_prefill(runner, counts, prompt_lens, matmul_tflops, iters):
@@ -333,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="plain-torch RMSNorm/rotary/SiLU (for comparison)",
     )
+    parser.add_argument("--profile", action="store_true", help="per-kernel decode profile")
     parser.add_argument("--out", default="bench_engine.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -387,6 +433,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["decode"] = bench_decode(
         runner, graphs, counts, args.batch_sizes, args.context_len, read_gbps, args.iters
     )
+    if args.profile:
+        result["decode_profile"] = profile_decode(
+            runner, counts, [1, 64], args.context_len, read_gbps
+        )
     result["attention"] = bench_attention(
         runner, counts, args.context_len, args.prefill_lens, read_gbps, matmul_tflops
     )

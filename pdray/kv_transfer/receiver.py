@@ -111,7 +111,7 @@ class KVReceiver:
         if not 0 <= chunk.layer <= chunk.layer + chunk.num_layers <= self.kv_cache.shape[0]:
             raise ValueError(f"layers {chunk.layer}+{chunk.num_layers} outside the KV cache")
         for _, dst, n in chunk.runs:
-            if any(b not in allowed for b in range(dst, dst + n)):
+            if not allowed.issuperset(range(dst, dst + n)):
                 raise ValueError(f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}")
         layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
         if self._stream is None:

@@ -1,8 +1,8 @@
 """Decode steps replayed from CUDA graphs, one graph per batch size of a ladder.
 
 Lifecycle: `capture()` once, after the KV cache is bound to the attention layers; then per decode
-step `can_run(batch)` and `run(batch) -> hidden [S, H]`. Graphs are captured largest first into one
-memory pool and write one shared output buffer. A batch of S sequences replays the smallest graph
+step `can_run(batch)` and `run(batch) -> logits [S, V]` (the LM head runs inside the graph). Graphs are captured largest first into one
+memory pool and write shared output buffers. A batch of S sequences replays the smallest graph
 of at least S rows; the rows past S are padding (token 0, slot -1 so no KV is written, context
 length 0 so attention reads nothing). Every input lives in a static device buffer that `run` fills
 from pinned host buffers with asynchronous copies: no host-device sync inside a step.
@@ -63,6 +63,7 @@ class DecodeCudaGraphs:
         self.block_tables = torch.zeros((max_bs, self.max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros((max_bs, hidden_size), dtype=dtype, device=device)
+        self.logits: torch.Tensor | None = None  # [max_bs, V], allocated by the first capture
         # Pinned staging: ids | positions | slots (int64), seq_lens and tables (int32).
         self._host_i64 = torch.zeros((3, max_bs), dtype=torch.int64, pin_memory=True)
         self._host_seq_lens = torch.zeros(max_bs, dtype=torch.int32, pin_memory=True)
@@ -87,6 +88,12 @@ class DecodeCudaGraphs:
     def _forward(self, bs: int) -> None:
         with forward_context(ForwardContext(self._metadata(bs), self.backend)):
             self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            logits = self.model.compute_logits(self.hidden[:bs])
+        if self.logits is None:
+            self.logits = torch.empty(
+                (bs, logits.shape[1]), dtype=logits.dtype, device=logits.device
+            )
+        self.logits[:bs] = logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -115,7 +122,7 @@ class DecodeCudaGraphs:
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
-        """Replay the decode step of `batch`; returns the final hidden states [S, H] (a view)."""
+        """Replay the decode step of `batch`; returns its logits [S, V] (a view)."""
         n = len(batch.query_lens)
         bs = next(b for b in self.batch_sizes if b >= n)
         width = max(len(t) for t in batch.block_tables)
@@ -137,4 +144,4 @@ class DecodeCudaGraphs:
         self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
         self._copied.record()
         self.graphs[bs].replay()
-        return self.hidden[:n]
+        return self.logits[:n]

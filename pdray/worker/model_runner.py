@@ -13,13 +13,15 @@ from pdray.attention.base import AttentionMetadata, ForwardContext, forward_cont
 from pdray.attention.registry import get_attention_backend
 from pdray.config import EngineConfig
 from pdray.models.loader import build_model, load_model_config
-from pdray.worker.batch import SampledToken, StepBatch
+from pdray.worker.batch import SampledToken, SamplingRow, StepBatch
 from pdray.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
 _GiB = 1 << 30
 _CPU_KV_CACHE_BYTES = 4 * _GiB
+_NON_TORCH_BYTES = _GiB  # CUDA context, library workspaces, CUDA-graph pool: not in torch's stats
+_FREE_MARGIN_BYTES = _GiB // 2
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -77,32 +79,96 @@ class ModelRunner:
         if self.device.type == "cpu":
             budget = _CPU_KV_CACHE_BYTES // self.block_bytes
             return max(1, min(budget, self.config.max_num_seqs * blocks_per_seq))
+        return self._gpu_kv_budget(max_model_len) // self.block_bytes
+
+    def _gpu_kv_budget(self, max_model_len: int) -> int:
+        """Bytes left for the KV cache of this process's share of the GPU.
+
+        share = total x gpu_memory_utilization (so instances can split one GPU); from it go the
+        peak this process's allocator reached running the largest step (weights + activations,
+        measured by `profile_peak_bytes`) and a fixed allowance for what the allocator does not
+        see (CUDA context, cuBLAS/Triton workspaces, the decode CUDA graphs' pool). The cache also
+        never takes more than is free now, minus a margin, when other processes hold memory.
+        """
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        reserve = _GiB + 4 * self.config.max_num_batched_tokens * self.arch.hidden_size * 4
-        budget = int(total * self.config.gpu_memory_utilization) - used - reserve
+        peak = self.profile_peak_bytes(max_model_len)
+        share = int(total * self.config.gpu_memory_utilization)
+        budget = min(share - peak - _NON_TORCH_BYTES, free - _FREE_MARGIN_BYTES)
+        logger.info(
+            "GPU memory: share %.1f GiB of %.1f GiB; peak without KV %.2f GiB; free %.1f GiB; "
+            "KV cache %.2f GiB", share / _GiB, total / _GiB, peak / _GiB, free / _GiB,
+            max(budget, 0) / _GiB,
+        )  # fmt: skip
         if budget < self.block_bytes:
             raise ValueError(
-                f"no GPU memory left for the KV cache: {used / _GiB:.1f} GiB in use of "
-                f"{total / _GiB:.1f} GiB; raise gpu_memory_utilization "
-                f"({self.config.gpu_memory_utilization})"
+                f"no GPU memory left for the KV cache: this instance's share is {share / _GiB:.1f} "
+                f"GiB (gpu_memory_utilization {self.config.gpu_memory_utilization} of "
+                f"{total / _GiB:.1f} GiB), its peak without the cache {peak / _GiB:.1f} GiB, "
+                f"{free / _GiB:.1f} GiB free; raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens"
             )
-        return budget // self.block_bytes
+        return budget
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self, max_model_len: int) -> int:
+        """Peak bytes the allocator holds running `largest_step` (LM head and sampler included)
+        with a scratch KV cache just large enough for it, which is not counted."""
+        batch, num_blocks = self.largest_step(max_model_len)
+        self._bind_kv_cache(num_blocks)
+        scratch = self.kv_cache.nbytes
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute(batch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_reserved(self.device) - scratch
+        self.sampler.free(row.seq_id for row in batch.sampling_rows)
+        self._bind_kv_cache(None)
+        torch.cuda.empty_cache()
+        return peak
+
+    def largest_step(self, max_model_len: int) -> tuple[StepBatch, int]:
+        """The step with the most activations this engine can run: max_num_batched_tokens fresh
+        tokens over up to max_num_seqs sequences, each sampling with top-k; and the number of
+        KV blocks it needs."""
+        cfg = self.config
+        num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * max_model_len)
+        num_seqs = min(cfg.max_num_seqs, num_tokens)
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        block_size = cfg.block_size
+        tables, slots, positions, num_blocks = [], [], [], 0
+        for n in lens:
+            count = -(-n // block_size)
+            tables.append(list(range(num_blocks, num_blocks + count)))
+            slots += [num_blocks * block_size + j for j in range(n)]
+            positions += list(range(n))
+            num_blocks += count
+        batch = StepBatch(
+            input_ids=[0] * num_tokens, positions=positions, slot_mapping=slots, query_lens=lens,
+            seq_lens=lens, block_tables=tables, sample_indices=list(range(num_seqs)),
+            sampling_rows=[SamplingRow(seq_id=f"profile-{i}", top_k=50) for i in range(num_seqs)],
+        )  # fmt: skip
+        return batch, num_blocks
 
     def allocate_kv_cache(self, num_blocks: int, max_model_len: int | None = None) -> None:
         """Allocate the cache; with max_model_len, also capture decode CUDA graphs (on CUDA)."""
-        layer = self.attention_layers[0]
-        shape = (
-            len(self.attention_layers), 2, num_blocks, self.config.block_size,
-            layer.num_kv_heads, layer.head_dim,
-        )  # fmt: skip
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, attn in enumerate(self.attention_layers):
-            attn.kv_cache = self.kv_cache[i]
+        self._bind_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks,
                     self.config.block_size, self.kv_cache.nbytes / _GiB)  # fmt: skip
         if max_model_len is not None:
             self._capture_graphs(max_model_len)
+
+    def _bind_kv_cache(self, num_blocks: int | None) -> None:
+        """A zeroed cache of num_blocks, bound to every attention layer (None: unbind)."""
+        self.kv_cache = None
+        if num_blocks is not None:
+            layer = self.attention_layers[0]
+            shape = (
+                len(self.attention_layers), 2, num_blocks, self.config.block_size,
+                layer.num_kv_heads, layer.head_dim,
+            )  # fmt: skip
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.kv_cache = None if self.kv_cache is None else self.kv_cache[i]
 
     def _capture_graphs(self, max_model_len: int) -> None:
         use = (
@@ -171,11 +237,12 @@ class ModelRunner:
             and self.on_layer_kv_written is None
             and self.graphs.can_run(batch)
         ):
-            hidden = self.graphs.run(batch)  # [S, H]: in a decode step, row i is sequence i
-            rows = self._to_device(batch.sample_indices)
+            logits = self.graphs.run(batch)  # [S, V]: in a decode step, row i is sequence i
+            if batch.sample_indices != list(range(len(batch.query_lens))):
+                logits = logits[self._to_device(batch.sample_indices)]
         else:
             hidden, rows = self._eager_forward(batch)
-        if not batch.sample_indices:
-            return []
-        logits = self.model.compute_logits(hidden[rows]).float()
+            if not batch.sample_indices:
+                return []
+            logits = self.model.compute_logits(hidden[rows])
         return self.sampler(logits, batch.sampling_rows)
