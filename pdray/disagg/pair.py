@@ -83,6 +83,7 @@ def _handle(worker, command: str, args: tuple):
 
 class _Child:
     def __init__(self, role: str, model: str, transport: str, engine_args: dict, name: str):
+        self.role = role
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
@@ -120,6 +121,17 @@ class DisaggregatedLLM:
     def generate(
         self, prompts: Sequence, params: SamplingParams, timeout_s: float = 600.0
     ) -> list[RequestOutput]:
+        try:
+            return self._generate(prompts, params, timeout_s)
+        except (EOFError, OSError) as e:  # a pipe to an engine process broke
+            dead = [
+                f"the {c.role} engine process exited (code {c.process.exitcode})"
+                for c in (self.prefill, self.decode)
+                if not c.process.is_alive()
+            ]
+            raise RuntimeError("; ".join(dead) or f"lost an engine process: {e}") from e
+
+    def _generate(self, prompts: Sequence, params: SamplingParams, timeout_s: float):
         ids = [f"disagg-{next(self._ids)}" for _ in prompts]
         queued = dict(zip(ids, prompts, strict=True))
         final: dict[str, RequestOutput] = {}

@@ -73,17 +73,13 @@ class KVSender:
         self.metrics = metrics or TransferMetrics(transport=transport.kind.value)
         self._seqs: dict[str, _SeqSend] = {}
         self._plan: list[_Planned] = []
-        self._connected: set[str] = set()
         self._queue: queue.Queue | None = None
         if kv_cache.is_cuda:
             self._queue = queue.Queue()
             threading.Thread(target=self._send_loop, daemon=True, name="kv-sender").start()
 
     def add_ticket(self, ticket: Ticket) -> None:
-        peer = ticket.receiver
-        if peer.engine_id not in self._connected:
-            self.transport.connect(peer)
-            self._connected.add(peer.engine_id)
+        self.transport.connect(ticket.receiver)  # no-op while the link is up; else reconnects
         for seq in ticket.seqs:
             first = seq.num_cached_tokens // self.block_size
             self._seqs[seq.seq_id] = _SeqSend(ticket, seq, first)
@@ -181,8 +177,9 @@ class KVSender:
 
     def _failed(self, state: _SeqSend, peer_id: str, error: Exception) -> None:
         self.metrics.failures += 1
-        state.error = state.error or f"{type(error).__name__}: {error}"
-        logger.warning("KV send to %s failed: %s", peer_id, error)
+        if state.error is None:
+            state.error = f"{type(error).__name__}: {error}"
+            logger.warning("KV send to %s failed: %s", peer_id, error)
 
     def _send_loop(self) -> None:
         """Sends each layer once its event fired, together with the following layers of the same

@@ -221,6 +221,7 @@ class UcxTransport(KVTransport):
     async def _serve(self, ep) -> None:
         self._serving.add(ep)
         frame = np.empty(_FRAME_BYTES, np.uint8)
+        tickets: set[tuple[str, int]] = set()  # (request_id, generation) this sender fed
         try:
             while True:
                 await ep.recv(frame)
@@ -235,6 +236,11 @@ class UcxTransport(KVTransport):
                     await ep.send(np.array([header["seq"]], np.uint64))
                     continue
                 message = _decode(header)
+                key = (message.request_id, message.generation)
+                if isinstance(message, LayerChunk):
+                    tickets.add(key)
+                else:  # a hand-off or an abort ends what this sender owes the ticket
+                    tickets.discard(key)
                 payload = await self._recv_payload(ep, message)
                 try:
                     self._on_message(message, payload)
@@ -248,6 +254,11 @@ class UcxTransport(KVTransport):
         finally:
             self._serving.discard(ep)
             ep.abort(period=10**9)
+            if not self._closing:  # the sender is gone: fail its tickets now, not at lease end
+                for request_id, generation in tickets:
+                    abort = TransferAbort(request_id=request_id, generation=generation,
+                                          reason="KV sender connection lost")  # fmt: skip
+                    self._on_message(abort, [])
 
     async def _recv_payload(self, ep, message: Message) -> list[torch.Tensor]:
         if not isinstance(message, LayerChunk):

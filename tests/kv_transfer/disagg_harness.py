@@ -1,8 +1,12 @@
-"""Drives a PrefillWorker and a DecodeWorker in one process, like a router would."""
+"""Drives a PrefillWorker and a DecodeWorker like a router would: both in this process, or one
+of them in a child process that a test can kill (`WorkerProcess`)."""
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
+import os
+import signal
 
 from pdray.config import EngineConfig
 from pdray.disagg.decode import DecodeWorker
@@ -57,3 +61,96 @@ def assert_baseline(*engines: LLMEngine) -> None:
     for engine in engines:
         assert engine.num_free_blocks == engine.block_manager.num_blocks
         assert not engine.requests
+
+
+# -- one worker in a child process, over UCX on loopback ------------------------------------------
+
+
+def _serve_worker(role: str, path: str, engine_kwargs: dict, worker_kwargs: dict, conn) -> None:
+    """Child process: one worker whose methods the parent calls over a pipe. Nothing runs between
+    calls (the parent steps it), so the parent controls exactly how far a request gets."""
+    from pdray.kv_transfer.ucx import UcxTransport
+
+    try:
+        engine = make_engine(path, role, **engine_kwargs)
+        transport = UcxTransport(host="127.0.0.1")
+        if role == "prefill":
+            worker = PrefillWorker(engine, transport, **worker_kwargs)
+        else:
+            worker = DecodeWorker(engine, transport, **worker_kwargs)
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", getattr(worker, "descriptor", None)))
+    while True:
+        method, args = conn.recv()
+        if method == "close":
+            return
+        try:
+            if method == "blocks":
+                result = (
+                    engine.num_free_blocks,
+                    engine.block_manager.num_blocks,
+                    len(engine.requests),
+                )
+            else:
+                result = getattr(worker, method)(*args)
+            conn.send(("ok", result))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class WorkerProcess:
+    """A PrefillWorker or DecodeWorker (UCX on 127.0.0.1) in a spawned child process.
+
+    `start()` returns at once; `wait_ready()` waits for the engine. `call(method, *args)` runs a
+    worker method in the child ("step", "reserve", "submit", ...; "blocks" gives the engine's
+    (free blocks, total blocks, live requests)). `kill()` sends SIGKILL."""
+
+    def __init__(self, role: str, path, engine_kwargs: dict, worker_kwargs: dict | None = None):
+        ctx = mp.get_context("spawn")
+        self.role = role
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_serve_worker,
+            args=(role, str(path), engine_kwargs, worker_kwargs or {}, child_conn),
+            daemon=True,
+        )
+        self.descriptor = None
+
+    def start(self) -> WorkerProcess:
+        self.process.start()
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> WorkerProcess:
+        self.descriptor = self._reply(timeout_s)
+        return self
+
+    def call(self, method: str, *args, timeout_s: float = 30.0):
+        self.conn.send((method, args))
+        return self._reply(timeout_s)
+
+    def _reply(self, timeout_s: float):
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"{self.role} child gave no answer within {timeout_s} s")
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"{self.role} child exited ({self.process.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"{self.role} child: {value}")
+        return value
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+        assert self.process.exitcode == -signal.SIGKILL
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(("close", ()))
+            self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
