@@ -77,8 +77,6 @@ class EngineConfig:
             raise bad("num_kv_blocks", "must be a positive integer or None")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise bad("kv_cache_memory_bytes", "must be a positive integer or None")
-        if self.tensor_parallel_size != 1:
-            raise bad("tensor_parallel_size", "must be 1 in this version")
 
     def replace(self, **changes) -> EngineConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

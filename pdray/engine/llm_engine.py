@@ -177,6 +177,10 @@ class LLMEngine:
         if self._seq_to_request.pop(seq.seq_id, None) is not None:
             self._finished_seq_ids.append(seq.seq_id)
 
+    def close(self) -> None:
+        """Release what outlives the object: the other ranks of a tensor-parallel engine."""
+        self.runner.close()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

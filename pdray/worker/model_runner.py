@@ -14,6 +14,7 @@ from pdray.attention.registry import get_attention_backend
 from pdray.config import EngineConfig
 from pdray.models.loader import build_model, load_model_config
 from pdray.worker.batch import SampledToken, SamplingRow, StepBatch
+from pdray.worker.parallel import tp_rank, tp_size
 from pdray.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,24 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device = resolve_device(config.device)
         family, self.arch, _ = load_model_config(config.model)
+        self.tp_group = None  # rank 0 of a tensor-parallel engine drives the other ranks
+        if config.tensor_parallel_size > 1 and tp_size() == 1:
+            from pdray.worker.tp_group import TensorParallelGroup, check_shardable
+
+            check_shardable(self.arch, config.tensor_parallel_size)
+            self.tp_group = TensorParallelGroup(config)
+        try:
+            self._build(config, family)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, family: str) -> None:
+        self.rank = tp_rank()
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and config.tensor_parallel_size > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = resolve_dtype(config.dtype, self.arch.torch_dtype, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(
@@ -159,6 +176,8 @@ class ModelRunner:
 
     def _bind_kv_cache(self, num_blocks: int | None) -> None:
         """A zeroed cache of num_blocks, bound to every attention layer (None: unbind)."""
+        if self.tp_group is not None:
+            self.tp_group.broadcast("_bind_kv_cache", num_blocks)
         self.kv_cache = None
         if num_blocks is not None:
             layer = self.attention_layers[0]
@@ -171,6 +190,8 @@ class ModelRunner:
             attn.kv_cache = None if self.kv_cache is None else self.kv_cache[i]
 
     def _capture_graphs(self, max_model_len: int) -> None:
+        if self.tp_group is not None:
+            self.tp_group.broadcast("_capture_graphs", max_model_len)
         use = (
             self.device.type == "cuda"
             and not self.config.enforce_eager
@@ -228,6 +249,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> list[SampledToken]:
+        if self.tp_group is not None:
+            self.tp_group.broadcast("execute", batch)
         if batch.finished_seq_ids:
             self.sampler.free(batch.finished_seq_ids)
         if not batch.input_ids:
@@ -245,4 +268,12 @@ class ModelRunner:
             if not batch.sample_indices:
                 return []
             logits = self.model.compute_logits(hidden[rows])
+        if self.rank != 0:  # the LM head's all-gather is done; rank 0 samples
+            return []
         return self.sampler(logits, batch.sampling_rows)
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine (nothing to do otherwise)."""
+        if self.tp_group is not None:
+            self.tp_group.close()
+            self.tp_group = None

@@ -1,0 +1,133 @@
+"""A tensor-parallel group: rank 0 is the engine's own ModelRunner; ranks 1..N-1 follow it.
+
+  rank 0 (engine process)                     rank r (a follower process, one per extra rank)
+  TensorParallelGroup(config)  -- spawns -->  follow(rank, ...): init_process_group, ModelRunner
+  init_process_group, set_tensor_parallel      loop: command <- broadcast from rank 0
+  ModelRunner builds its shard of the model          ("bind", num_blocks)      -> scratch/real KV
+  per call: broadcast(command), then run it          ("graphs", max_model_len) -> capture graphs
+                                                     ("execute", batch)        -> forward, no sampling
+                                                     None                      -> exit
+
+Every rank runs the same forward in the same order, so the all-reduces of the row-parallel layers
+and the LM head's all-gather meet; only rank 0 samples. Commands travel on a gloo group (a pickled
+StepBatch, no GPU memory); the model's collectives use NCCL on GPU and gloo on CPU. The rendezvous
+port is one the OS gave this engine, so two engines on a node never collide. A follower that dies
+breaks the next collective: rank 0 raises, and the engine's owner (a Serve replica's health check)
+replaces the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pdray.config import EngineConfig
+from pdray.worker.parallel import set_tensor_parallel
+
+logger = logging.getLogger(__name__)
+
+_TIMEOUT = timedelta(minutes=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _device_for(config: EngineConfig, rank: int) -> None:
+    if config.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+
+
+def check_shardable(arch, size: int) -> None:
+    """Raise before any process starts if the model cannot be split over `size` ranks."""
+    checks = [
+        (arch.num_heads % size == 0, f"attention heads ({arch.num_heads})"),
+        (arch.num_kv_heads % size == 0 or size % arch.num_kv_heads == 0,
+         f"KV heads ({arch.num_kv_heads}) (nor does it divide it)"),
+        (arch.intermediate_size % size == 0, f"intermediate size ({arch.intermediate_size})"),
+    ]  # fmt: skip
+    for ok, what in checks:
+        if not ok:
+            raise ValueError(f"{what} is not divisible by tensor_parallel_size ({size})")
+
+
+def init_rank(config: EngineConfig, rank: int, address: str) -> dist.ProcessGroup:
+    """Join the group at `address` (tcp://host:port) as `rank`; returns the command group."""
+    _device_for(config, rank)
+    on_gpu = config.device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group(
+        backend="nccl" if on_gpu else "gloo",
+        init_method=address,
+        world_size=config.tensor_parallel_size,
+        rank=rank,
+        timeout=_TIMEOUT,
+    )
+    set_tensor_parallel(rank, config.tensor_parallel_size, dist.group.WORLD)
+    return dist.new_group(backend="gloo", timeout=_TIMEOUT) if on_gpu else dist.group.WORLD
+
+
+def follow(rank: int, config: EngineConfig, address: str) -> None:
+    """Body of a follower rank: build this rank's shard and run rank 0's commands until None."""
+    from pdray.worker.model_runner import ModelRunner
+
+    commands = init_rank(config, rank, address)
+    runner = ModelRunner(config)
+    try:
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=commands)
+            if box[0] is None:
+                return
+            name, *args = box[0]
+            getattr(runner, name)(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+class TensorParallelGroup:
+    """Rank 0's side: starts the followers (processes) and broadcasts commands to them."""
+
+    def __init__(self, config: EngineConfig):
+        self.size = config.tensor_parallel_size
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
+        self.followers = [
+            ctx.Process(
+                target=follow,
+                args=(rank, config, address),
+                daemon=True,
+                name=f"pdray-tp-rank{rank}",
+            )  # fmt: skip
+            for rank in range(1, self.size)
+        ]
+        for process in self.followers:
+            process.start()
+        self.commands = init_rank(config, 0, address)
+        self._closed = False
+
+    def broadcast(self, *command) -> None:
+        """Have every follower run `ModelRunner.<command[0]>(*command[1:])`."""
+        dead = [p.name for p in self.followers if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} exited")
+        dist.broadcast_object_list([command], src=0, group=self.commands)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if all(p.is_alive() for p in self.followers):
+            dist.broadcast_object_list([None], src=0, group=self.commands)
+        for process in self.followers:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+        dist.destroy_process_group()
+        set_tensor_parallel(0, 1, None)
