@@ -29,3 +29,41 @@ def test_tp_size_must_divide_heads(checkpoint):
     path = checkpoint("llama3")  # 4 attention heads
     with pytest.raises(Exception, match="attention heads"):
         new_llm(path, tensor_parallel_size=3)
+
+
+def test_followers_are_actors_in_the_replicas_placement_group(checkpoint):
+    """Under Ray (as in a Serve replica with placement_group_bundles), rank 0 is the caller in
+    bundle 0 and each other rank a Ray actor in its own bundle."""
+    ray = pytest.importorskip("ray")
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    path = checkpoint("llama3", num_key_value_heads=1)
+    prompts = make_prompts(seed=3)
+    expected = greedy(new_llm(path), prompts)
+
+    @ray.remote(num_cpus=1)
+    class Replica:
+        def run(self, path: str, prompts):
+            import test_parity
+
+            with test_parity.new_llm(path, tensor_parallel_size=2) as llm:
+                kinds = [type(f).__name__ for f in llm.engine.runner.tp_group.followers]
+                return kinds, test_parity.greedy(llm, prompts)
+
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    ray.init(
+        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}}
+    )
+    try:
+        group = placement_group([{"CPU": 1}, {"CPU": 1}])
+        ray.get(group.ready(), timeout=60)
+        strategy = PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        )
+        replica = Replica.options(scheduling_strategy=strategy).remote()
+        kinds, outputs = ray.get(replica.run.remote(str(path), prompts), timeout=240)
+    finally:
+        ray.shutdown()
+    assert kinds == ["_ActorFollower"]
+    assert outputs == expected

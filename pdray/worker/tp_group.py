@@ -1,6 +1,7 @@
 """A tensor-parallel group: rank 0 is the engine's own ModelRunner; ranks 1..N-1 follow it.
 
-  rank 0 (engine process)                     rank r (a follower process, one per extra rank)
+  rank 0 (engine process)                     rank r (a follower: a Ray actor in the replica's
+                                              placement group, or a child process offline)
   TensorParallelGroup(config)  -- spawns -->  follow(rank, ...): init_process_group, ModelRunner
   init_process_group, set_tensor_parallel      loop: command <- broadcast from rank 0
   ModelRunner builds its shard of the model          ("bind", num_blocks)      -> scratch/real KV
@@ -91,43 +92,107 @@ def follow(rank: int, config: EngineConfig, address: str) -> None:
         dist.destroy_process_group()
 
 
+class _ProcessFollower:
+    """A follower rank in a child process (offline engines)."""
+
+    def __init__(self, rank: int, config: EngineConfig, address: str):
+        self.name = f"tensor-parallel rank {rank} (process)"
+        ctx = mp.get_context("spawn")
+        self.process = ctx.Process(target=follow, args=(rank, config, address), daemon=True)
+        self.process.start()
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, timeout_s: float) -> None:
+        self.process.join(timeout=timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+class _RankActor:
+    def follow(self, rank: int, config: EngineConfig, address: str) -> None:
+        follow(rank, config, address)
+
+
+class _ActorFollower:
+    """A follower rank in a Ray actor, in bundle `rank` of the caller's placement group (a Serve
+    replica's `placement_group_bundles`; bundle 0 holds the replica itself, rank 0)."""
+
+    def __init__(self, rank: int, config: EngineConfig, address: str, placement_group):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.name = f"tensor-parallel rank {rank} (actor)"
+        gpus = 1 if config.device != "cpu" and torch.cuda.is_available() else 0
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group, placement_group_bundle_index=rank
+        )
+        actor_cls = ray.remote(num_cpus=0, num_gpus=gpus)(_RankActor)
+        self.actor = actor_cls.options(scheduling_strategy=strategy).remote()
+        self.done = self.actor.follow.remote(rank, config, address)
+
+    def alive(self) -> bool:
+        import ray
+
+        ready, _ = ray.wait([self.done], timeout=0)
+        return not ready
+
+    def stop(self, timeout_s: float) -> None:
+        import ray
+
+        ready, _ = ray.wait([self.done], timeout=timeout_s)
+        if not ready:
+            ray.kill(self.actor)
+
+
+def _placement_group():
+    """The placement group this process runs in under Ray, else None."""
+    try:
+        import ray
+        from ray.util import get_current_placement_group
+    except ImportError:
+        return None
+    return get_current_placement_group() if ray.is_initialized() else None
+
+
 class TensorParallelGroup:
-    """Rank 0's side: starts the followers (processes) and broadcasts commands to them."""
+    """Rank 0's side: starts the followers and broadcasts commands to them. Followers are Ray
+    actors in this process's placement group when it has one (a Serve replica), else processes."""
 
     def __init__(self, config: EngineConfig):
         self.size = config.tensor_parallel_size
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        ctx = mp.get_context("spawn")
+        group = _placement_group()
+        if group is not None and len(group.bundle_specs) < self.size:
+            raise ValueError(
+                f"tensor_parallel_size {self.size} needs {self.size} placement-group bundles; "
+                f"this replica has {len(group.bundle_specs)}"
+            )
+        host = "127.0.0.1" if group is None else socket.gethostbyname(socket.gethostname())
+        address = f"tcp://{host}:{_free_port()}"
         self.followers = [
-            ctx.Process(
-                target=follow,
-                args=(rank, config, address),
-                daemon=True,
-                name=f"pdray-tp-rank{rank}",
-            )  # fmt: skip
+            _ProcessFollower(rank, config, address)
+            if group is None
+            else _ActorFollower(rank, config, address, group)
             for rank in range(1, self.size)
         ]
-        for process in self.followers:
-            process.start()
         self.commands = init_rank(config, 0, address)
         self._closed = False
 
     def broadcast(self, *command) -> None:
         """Have every follower run `ModelRunner.<command[0]>(*command[1:])`."""
-        dead = [p.name for p in self.followers if not p.is_alive()]
+        dead = [f.name for f in self.followers if not f.alive()]
         if dead:
-            raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} exited")
+            raise RuntimeError(f"{', '.join(dead)} exited: this engine cannot run")
         dist.broadcast_object_list([command], src=0, group=self.commands)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if all(p.is_alive() for p in self.followers):
+        if all(f.alive() for f in self.followers):
             dist.broadcast_object_list([None], src=0, group=self.commands)
-        for process in self.followers:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+        for follower in self.followers:
+            follower.stop(timeout_s=30)
         dist.destroy_process_group()
         set_tensor_parallel(0, 1, None)
