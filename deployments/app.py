@@ -44,6 +44,21 @@ def _gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def replica_resources(role_args, on_gpu: bool) -> tuple[dict, list[dict] | None]:
+    """Ray resources of one replica: its actor options, and with tensor_parallel_size > 1 its
+    placement group, one bundle per rank (bundle 0 is the replica itself, rank 0; the other
+    ranks' worker actors take one GPU each, or a sliver of CPU on CPU hosts)."""
+    tp = role_args.tensor_parallel_size
+    default_gpus = (1 if tp > 1 else 0.5) if on_gpu else 0
+    num_gpus = role_args.num_gpus if role_args.num_gpus is not None else default_gpus
+    options = {"num_cpus": role_args.num_cpus, "num_gpus": num_gpus}
+    if tp == 1:
+        return options, None
+    first = {k: v for k, v in (("CPU", role_args.num_cpus), ("GPU", num_gpus)) if v}
+    rank = {"GPU": 1} if on_gpu else {"CPU": 0.01}
+    return options, [first or {"CPU": 0.01}] + [rank] * (tp - 1)
+
+
 def build_app(args: dict) -> serve.Application:
     app_args = parse_args(args)
     plain = app_args.model_dump(mode="json")
@@ -53,11 +68,12 @@ def build_app(args: dict) -> serve.Application:
         role_args = getattr(app_args, role.value)
         if role_args.replicas == 0:
             continue
-        num_gpus = role_args.num_gpus if role_args.num_gpus is not None else (0.5 if on_gpu else 0)
+        actor_options, bundles = replica_resources(role_args, on_gpu)
         deployment = serve.deployment(PDReplica).options(
             name=DEPLOYMENT_NAMES[role],
             num_replicas=role_args.replicas,
-            ray_actor_options={"num_cpus": role_args.num_cpus, "num_gpus": num_gpus},
+            ray_actor_options=actor_options,
+            placement_group_bundles=bundles,
             max_ongoing_requests=1024,
             request_router_config=RequestRouterConfig(request_router_class=ReplicaIdRouter),
             health_check_period_s=5,

@@ -13,7 +13,12 @@ from pdray.kv_transfer.base import FailurePolicy
 class RoleArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replicas: int = Field(1, ge=0, description="replicas of this role")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (one worker each)")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="ranks per replica: the replica is rank 0, each other rank a worker "
+        "actor in the replica's placement group (one GPU each); > 1 for mixed replicas only",
+    )
     gpu_memory_utilization: float = Field(
         0.45, gt=0, le=1, description="fraction of a GPU one replica may use (two can share one)"
     )
@@ -66,6 +71,12 @@ class AppArgs(BaseModel):
                 "no instance can serve: give prefill.replicas and decode.replicas > 0, "
                 "or mixed.replicas > 0"
             )
+        for role in ("prefill", "decode"):
+            if getattr(self, role).replicas and getattr(self, role).tensor_parallel_size > 1:
+                raise ValueError(
+                    f"{role}.tensor_parallel_size > 1 is not supported yet: KV transfer between "
+                    "tensor-parallel groups is not built; use it with mixed replicas"
+                )
         if self.transport not in ("auto", "ucx", "cuda_ipc"):
             raise ValueError(f"transport must be auto, ucx or cuda_ipc, got {self.transport!r}")
         for role in ("prefill", "decode", "mixed"):

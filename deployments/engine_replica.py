@@ -77,6 +77,7 @@ class EngineThread:
         self._stop = True
         self._commands.put((lambda: None, None))
         self._thread.join(timeout=10)
+        self.engine.close()  # the other tensor-parallel ranks, if any
 
     def _busy(self) -> bool:
         if self.worker is not None:
@@ -155,6 +156,7 @@ def make_engine_thread(role: Role, args, replica_id: str) -> tuple[EngineThread,
         device=args.device,
         role=role,
         gpu_memory_utilization=role_args.gpu_memory_utilization,
+        tensor_parallel_size=role_args.tensor_parallel_size,
         **role_args.engine_args,
     )
     engine = LLMEngine(config)
