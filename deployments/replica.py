@@ -1,8 +1,10 @@
 """The Ray Serve deployment of one engine instance (prefill, decode or mixed role).
 
-Every method takes `replica_id` (used by ReplicaIdRouter to deliver the call here; ignored in the
-body). A heartbeat thread publishes this instance's InstanceRecord to Redis every TTL/3 seconds;
-if the engine thread dies the health check fails and Ray Serve replaces the replica.
+Every method takes `replica_id` (used by ReplicaIdRouter to deliver the call here) and refuses
+a call meant for another replica (one that is gone), so the router fails over at once. A
+heartbeat thread publishes this instance's InstanceRecord to Redis every TTL/3 seconds and
+updates its Ray metrics (deployments/metrics.py); if the engine thread dies the health check
+fails and Ray Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ from deployments.engine_replica import (
     params_from,
     stream_outputs,
 )
+from deployments.metrics import ReplicaMetrics
 from deployments.redis_host import resolve_redis_url
 from pdray.config import Role
 from pdray.kv_transfer.base import Ticket
 from pdray.router.store import InstanceRecord, record_key
 
 logger = logging.getLogger(__name__)
+
+
+class ReplicaGoneError(RuntimeError):
+    """A call reached a replica other than the one it named (that one died or was replaced)."""
 
 
 class PDReplica:
@@ -40,11 +47,16 @@ class PDReplica:
         self._streams: dict = {}
         self._key = record_key(self.args.app_name, self.replica_id)
         self._stop = threading.Event()
+        kv = getattr(self.worker, "sender", None) or getattr(self.worker, "receiver", None)
+        self._metrics = ReplicaMetrics(
+            self.role.value, self.replica_id, getattr(kv, "metrics", None)
+        )
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="pdray-heartbeat").start()
 
     # -- calls from the router -------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
+        self._check_target(replica_id)
         loop = asyncio.get_running_loop()
         stream = self.thread.open_stream(request_id, loop)
         future = self.thread.call(
@@ -55,6 +67,7 @@ class PDReplica:
             yield output
 
     async def reserve(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
+        self._check_target(replica_id)
         stream = self.thread.open_stream(request_id, asyncio.get_running_loop())
         future = self.thread.call(
             lambda: self.worker.reserve(request_id, prompt, params_from(params))
@@ -67,12 +80,14 @@ class PDReplica:
         return ticket.model_dump(mode="json")
 
     async def stream(self, request_id: str, replica_id: str | None = None):
+        self._check_target(replica_id)
         stream = self._streams.pop(request_id)
         async for output in stream_outputs(self.thread, request_id, stream):
             yield output
 
     async def prefill(self, request_id: str, prompt, params: dict, ticket: dict, replica_id=None):
         """Returns None once the KV and first token are handed off, else the error text."""
+        self._check_target(replica_id)
         waiter = self.thread.wait_prefill(request_id)
         submit = self.thread.call(
             lambda: self.worker.submit(request_id, prompt, params_from(params), Ticket(**ticket))
@@ -85,11 +100,20 @@ class PDReplica:
         return await asyncio.wrap_future(waiter)
 
     async def abort(self, request_id: str, replica_id: str | None = None) -> None:
+        self._check_target(replica_id)
         self._streams.pop(request_id, None)
         await asyncio.wrap_future(self.thread.call(lambda: _abort(self.thread, request_id)))
 
     async def stats(self, replica_id: str | None = None) -> dict:
+        self._check_target(replica_id)
         return self._record().model_dump(mode="json")
+
+    def _check_target(self, replica_id: str | None) -> None:
+        if replica_id is not None and replica_id != self.replica_id:
+            raise ReplicaGoneError(
+                f"a call for replica {replica_id} reached {self.replica_id}: "
+                f"{replica_id} is no longer serving"
+            )
 
     def check_health(self) -> None:
         if not self.thread.alive:
@@ -129,10 +153,17 @@ class PDReplica:
         key = self._key
         ttl_ms = int(self.args.scheduler_ttl_s * 1000)
         while self.thread.alive:  # a dead engine stops heartbeating: its record expires
+            record = None
             try:
-                client.set(key, self._record().model_dump_json(), px=ttl_ms)
+                record = self._record()
+                client.set(key, record.model_dump_json(), px=ttl_ms)
             except Exception as e:
                 logger.warning("heartbeat to Redis failed: %s", e)
+            if record is not None:  # metrics are updated even while Redis is unreachable
+                try:
+                    self._metrics.update(record)
+                except Exception as e:
+                    logger.warning("updating metrics failed: %s", e)
             if self._stop.wait(self.args.scheduler_ttl_s / 3):
                 break
         client.delete(key)

@@ -2,9 +2,15 @@
 
 Per request: pick a decode instance (load, free blocks) and a prefill instance (queued prompt
 tokens) from the snapshot -> decode.reserve -> prefill.prefill(ticket) in the background ->
-stream decode's outputs. A failure before the first token marks the instance down and tries
-another pair (up to max_attempts); after it, the error reaches the client. With no PD pair
-available, mixed instances serve. A client that leaves aborts the request on both instances.
+stream decode's outputs. With no PD pair available, mixed instances serve. A client that leaves
+aborts the request on both instances.
+
+Failures: a call that fails before the request's first token (the instance died, was replaced,
+or refused) marks that instance down (its record is deleted; it is not picked again until it
+heartbeats after a TTL), aborts the attempt on the others, and tries another pair, up to
+max_attempts. Once tokens have been streamed, a failure ends the request with an error naming
+the instance (nothing is streamed twice). Metrics (deployments/metrics.py): one RequestTrace
+per request, recorded when it ends, and one counter increment per routing decision.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from ray import serve
 
 from deployments.args import AppArgs
+from deployments.metrics import RequestStatus, RequestTrace, RoutingOutcome, record_routing
 from deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
 from pdray.config import Role
 from pdray.entrypoints.openai.api import build_openai_app
@@ -25,7 +32,7 @@ from pdray.entrypoints.openai.protocol import NoCapacityError
 from pdray.models.loader import load_model_config
 from pdray.outputs import RequestOutput
 from pdray.router.policy import InstancePicker, PolicyConfig, RouterSnapshot
-from pdray.router.store import InstanceStore
+from pdray.router.store import InstanceRecord, InstanceStore
 from pdray.sampling_params import SamplingParams
 from pdray.tokenizer import load_tokenizer
 
@@ -33,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAMES = {Role.PREFILL: "Prefill", Role.DECODE: "Decode", Role.MIXED: "Mixed"}
 _RESERVE_TIMEOUT_S = 30.0
+_ABORT_TIMEOUT_S = 10.0
 
 
 class PDBackend:
@@ -46,7 +54,9 @@ class PDBackend:
         self.snapshot: RouterSnapshot | None = None
         self._started: asyncio.Task | None = None
         self._handles: dict[Role, Any] = {}
-        self._placed: dict[str, list[tuple[Role, str]]] = {}
+        # request id -> (id of its current attempt on the instances, [(role, instance id)])
+        self._placed: dict[str, tuple[str, list[tuple[Role, str]]]] = {}
+        self._background: set[asyncio.Task] = set()
 
     def tokenizer(self) -> Any:
         return self._tokenizer
@@ -75,99 +85,183 @@ class PDBackend:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
+        trace = RequestTrace()
+        status = RequestStatus.ABORTED  # unless it finishes or fails: the consumer left
+        try:
+            async for output in self._attempts(request_id, prompt, params, trace):
+                trace.on_output(output)
+                if output.finished:
+                    status = _finish_status(output)
+                yield output
+        except NoCapacityError:
+            status = RequestStatus.NO_CAPACITY
+            raise
+        except ValueError:
+            status = RequestStatus.INVALID
+            raise
+        except Exception:
+            status = RequestStatus.ERROR
+            raise
+        finally:
+            trace.record(status)
+
+    async def _attempts(self, request_id, prompt, params, trace: RequestTrace):
+        """Pairs tried in turn until one streams; a failure after a token ends the request."""
         await self._ensure_snapshot()
         num_tokens = len(prompt) if isinstance(prompt, list) else 0
         exclude: set[str] = set()
         last_error = "no instance available"
-        for _ in range(self.args.max_attempts):
-            streamed = False
+        for attempt in range(self.args.max_attempts):
+            attempt_id = request_id if attempt == 0 else f"{request_id}.{attempt}"
             try:
                 async for output in self._one_attempt(
-                    request_id, prompt, params, num_tokens, exclude
+                    request_id, attempt_id, prompt, params, num_tokens, exclude, trace
                 ):
-                    streamed = True
                     yield output
                 return
             except NoCapacityError as e:
                 last_error = str(e)
                 break
             except _InstanceFailed as e:
-                if streamed:
-                    raise RuntimeError(f"request {request_id} failed mid-stream: {e}") from None
-                last_error = str(e)
+                record_routing(e.role.value, e.instance_id, RoutingOutcome.FAILED)
                 exclude.add(e.instance_id)
                 await self.snapshot.mark_down(e.instance_id)
+                # The other instance of the attempt can be slow to answer (a prefill replica
+                # may be busy failing to reach a dead decode one): abort there in the
+                # background. The next attempt has its own id, so the abort cannot hit it.
+                placed = self._placed.pop(request_id, (attempt_id, []))
+                self._spawn(self._abort(*placed, skip=set(exclude)))
+                if trace.num_tokens:
+                    raise RuntimeError(
+                        f"{e.role.value} instance {e.instance_id} failed after streaming "
+                        f"{trace.num_tokens} token(s) of request {request_id}, which cannot be "
+                        f"resumed: {e}"
+                    ) from None
+                last_error = str(e)
+                logger.warning("request %s: %s; trying another instance", request_id, e)
             finally:
                 await self._cleanup(request_id)
         raise NoCapacityError(f"no instance could take the request: {last_error}")
 
-    async def _one_attempt(self, request_id, prompt, params, num_tokens, exclude):
+    async def check_health(self) -> None:
+        """/health: ready once a prefill/decode pair or a mixed replica is registered in Redis
+        (the app answers HTTP before its engines have loaded and sent their first heartbeat)."""
+        await self._ensure_snapshot()
+        snapshot = self.snapshot
+        await snapshot.refresh()
+        pd = snapshot.records(Role.PREFILL) and snapshot.records(Role.DECODE)
+        if not pd and not snapshot.records(Role.MIXED):
+            raise RuntimeError("no prefill/decode pair or mixed replica is registered yet")
+
+    async def _one_attempt(
+        self, request_id, attempt_id, prompt, params, num_tokens, exclude, trace
+    ):
         snapshot = self.snapshot
         if not snapshot.records():
             await snapshot.refresh()  # e.g. the first request right after start-up
         pd = snapshot.records(Role.PREFILL) and snapshot.records(Role.DECODE)
         if not pd:
-            mixed = snapshot.pick_decode(num_tokens=num_tokens, role=Role.MIXED, exclude=exclude)
-            self._placed[request_id] = [(Role.MIXED, mixed.instance_id)]
+            mixed = _pick(
+                Role.MIXED,
+                lambda: snapshot.pick_decode(
+                    num_tokens=num_tokens, role=Role.MIXED, exclude=exclude
+                ),
+            )
+            self._placed[request_id] = (attempt_id, [(Role.MIXED, mixed.instance_id)])
+            trace.role, trace.replica = Role.MIXED.value, mixed.instance_id
             handle = self._handle(Role.MIXED).options(stream=True)
             gen = handle.generate.remote(
-                request_id, prompt, params.to_dict(), replica_id=mixed.instance_id
+                attempt_id, prompt, params.to_dict(), replica_id=mixed.instance_id
             )
-            async for output in _guard(gen, mixed.instance_id):
+            async for output in _guard(gen, mixed):
                 yield output
             return
-        decode = snapshot.pick_decode(num_tokens=num_tokens, exclude=exclude)
-        prefill = snapshot.pick_prefill(exclude=exclude)
-        self._placed[request_id] = [
-            (Role.DECODE, decode.instance_id),
-            (Role.PREFILL, prefill.instance_id),
-        ]
+        decode = _pick(
+            Role.DECODE, lambda: snapshot.pick_decode(num_tokens=num_tokens, exclude=exclude)
+        )
+        prefill = _pick(Role.PREFILL, lambda: snapshot.pick_prefill(exclude=exclude))
+        placed = [(Role.DECODE, decode.instance_id), (Role.PREFILL, prefill.instance_id)]
+        self._placed[request_id] = (attempt_id, placed)
+        trace.role, trace.replica = Role.DECODE.value, decode.instance_id
         ticket = await _call(
             self._handle(Role.DECODE).reserve.remote(
-                request_id, prompt, params.to_dict(), replica_id=decode.instance_id
+                attempt_id, prompt, params.to_dict(), replica_id=decode.instance_id
             ),
-            decode.instance_id,
+            decode,
         )
         if ticket is None:
-            raise _InstanceFailed(decode.instance_id, "decode instance has no free KV blocks")
+            raise _InstanceFailed(decode, "decode instance has no free KV blocks")
         prefill_call = self._handle(Role.PREFILL).prefill.remote(
-            request_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
+            attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
         )
-        watcher = asyncio.ensure_future(_watch_prefill(prefill_call, request_id))
+        watcher = asyncio.ensure_future(_watch_prefill(prefill_call, attempt_id))
         try:
             gen = (
                 self._handle(Role.DECODE)
                 .options(stream=True)
-                .stream.remote(request_id, replica_id=decode.instance_id)
+                .stream.remote(attempt_id, replica_id=decode.instance_id)
             )
-            async for output in _guard(gen, decode.instance_id):
+            async for output in _guard(gen, decode):
                 yield output
         finally:
             watcher.cancel()
 
     async def _cleanup(self, request_id: str) -> None:
-        for role, instance_id in self._placed.pop(request_id, []):
+        """Abort the request's current attempt on its instances (idempotent)."""
+        if request_id in self._placed:
+            await self._abort(*self._placed.pop(request_id))
+
+    async def _abort(
+        self, attempt_id: str, placed: list[tuple[Role, str]], skip: Collection[str] = ()
+    ) -> None:
+        for role, instance_id in placed:
+            if instance_id in skip:
+                continue
+            call = self._handle(role).abort.remote(attempt_id, replica_id=instance_id)
             with contextlib.suppress(Exception):
-                await self._handle(role).abort.remote(request_id, replica_id=instance_id)
+                await asyncio.wait_for(call, _ABORT_TIMEOUT_S)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def abort(self, request_id: str) -> None:
         await self._cleanup(request_id)
 
 
+def _pick(role: Role, pick: Callable[[], InstanceRecord]) -> InstanceRecord:
+    try:
+        record = pick()
+    except NoCapacityError:
+        record_routing(role.value, "", RoutingOutcome.NO_INSTANCE)
+        raise
+    record_routing(role.value, record.instance_id, RoutingOutcome.PICKED)
+    return record
+
+
+def _finish_status(output: RequestOutput) -> RequestStatus:
+    try:
+        return RequestStatus(output.outputs[0].finish_reason)
+    except ValueError:
+        return RequestStatus.STOP
+
+
 class _InstanceFailed(RuntimeError):
-    def __init__(self, instance_id: str, message: str):
+    def __init__(self, instance: InstanceRecord, message: str):
         super().__init__(message)
-        self.instance_id = instance_id
+        self.instance_id = instance.instance_id
+        self.role = instance.role
 
 
-async def _call(response, instance_id: str):
+async def _call(response, instance: InstanceRecord):
     try:
         return await asyncio.wait_for(response, _RESERVE_TIMEOUT_S)
     except Exception as e:  # timeout, replica death, or an error it raised
-        raise _InstanceFailed(instance_id, f"{type(e).__name__}: {e}") from None
+        raise _InstanceFailed(instance, _brief(e)) from None
 
 
-async def _guard(gen, instance_id: str):
+async def _guard(gen, instance: InstanceRecord):
     """Re-raise a replica's death as _InstanceFailed; ValueErrors (bad input) pass through."""
     try:
         async for output in gen:
@@ -177,7 +271,15 @@ async def _guard(gen, instance_id: str):
     except Exception as e:
         if _is_user_error(e):
             raise ValueError(str(e)) from None
-        raise _InstanceFailed(instance_id, f"{type(e).__name__}: {e}") from None
+        raise _InstanceFailed(instance, _brief(e)) from None
+
+
+def _brief(e: Exception) -> str:
+    """`Type: first line` of the error a replica raised (Ray's go on for lines)."""
+    cause = getattr(e, "cause", None)  # a RayTaskError wraps what the replica raised
+    e = cause if isinstance(cause, Exception) else e
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ from pdray.kv_transfer.metrics import TransferMetrics
 from pdray.worker.batch import SampledToken
 
 logger = logging.getLogger(__name__)
+
+_RETRY_CONNECT_S = 5.0
 
 
 @dataclass
@@ -72,6 +75,7 @@ class KVSender:
         self.block_size = kv_cache.shape[3]
         self.metrics = metrics or TransferMetrics(transport=transport.kind.value)
         self._seqs: dict[str, _SeqSend] = {}
+        self._unreachable: dict[str, float] = {}  # receiver address -> retry connecting after
         self._plan: list[_Planned] = []
         self._queue: queue.Queue | None = None
         if kv_cache.is_cuda:
@@ -79,7 +83,15 @@ class KVSender:
             threading.Thread(target=self._send_loop, daemon=True, name="kv-sender").start()
 
     def add_ticket(self, ticket: Ticket) -> None:
-        self.transport.connect(ticket.receiver)  # no-op while the link is up; else reconnects
+        peer = ticket.receiver
+        if time.monotonic() < self._unreachable.get(peer.address, 0.0):
+            raise TransferError(f"KV receiver {peer.engine_id} at {peer.address} was unreachable "
+                                f"less than {_RETRY_CONNECT_S:g} s ago")  # fmt: skip
+        try:
+            self.transport.connect(peer)  # no-op while the link is up; else reconnects
+        except TransferError:  # do not stall every request on a dead peer's connect timeout
+            self._unreachable[peer.address] = time.monotonic() + _RETRY_CONNECT_S
+            raise
         for seq in ticket.seqs:
             first = seq.num_cached_tokens // self.block_size
             self._seqs[seq.seq_id] = _SeqSend(ticket, seq, first)

@@ -1,84 +1,51 @@
-"""`serve run` on a copy of serve_config.yaml (tiny checkpoint, CPU, 1 prefill + 1 decode over UCX),
-driven over HTTP with the official openai client."""
+"""`serve run` on a copy of serve_config.yaml (tiny checkpoint, CPU, 2 prefill + 2 decode replicas
+over UCX), driven over HTTP with the official openai client; its Ray metrics read from the node's
+Prometheus endpoint; then a decode replica killed mid-run."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
+import functools
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 openai = pytest.importorskip("openai")
 redis = pytest.importorskip("redis")
-pytest.importorskip("ray.serve")
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
 pytest.importorskip("ucxx")
+pytest.importorskip("prometheus_client")
+
+from serve_harness import (  # noqa: E402
+    MAX_MODEL_LEN,
+    instance_records,
+    run_app,
+    settled_scrape,
+)
 
 from pdray import LLM, SamplingParams  # noqa: E402
-from pdray.router.redis_server import RedisServer, free_port  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36]]
+TTFT_COUNT = "ray_pdray_time_to_first_token_seconds_count"
+REQUESTS = "ray_pdray_requests_total"
+PICKS = "ray_pdray_routing_decisions_total"
+KV_BYTES = "ray_pdray_kv_transfer_bytes_total"
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    path = checkpoint("llama3")
-    redis_server = RedisServer()
-    redis_url = redis_server.start()
-    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    args = config["applications"][0]["args"]
-    args.update(model=str(path), device="cpu", dtype="float32", redis_url=redis_url,
-                scheduler_ttl_s=3)  # fmt: skip
-    for role in ("prefill", "decode"):
-        args[role]["engine_args"] = {"num_kv_blocks": 256, "max_model_len": 256}
-    http_port = free_port()
-    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
-    config_path = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log = open(config_path.parent / "serve.log", "w")  # noqa: SIM115
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONUNBUFFERED"] = "1"
-    serve_cli = Path(sys.executable).parent / "serve"
-    proc = subprocess.Popen(
-        [str(serve_cli), "run", str(config_path)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
-    base_url = f"http://127.0.0.1:{http_port}"
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            client.completions.create(model=str(path), prompt=PROMPTS[0], max_tokens=1)
-            break
-        except Exception:
-            if proc.poll() is not None:
-                break
-            time.sleep(2)
-    else:
-        proc.kill()
-    if proc.poll() is not None:
-        log.close()
-        pytest.fail("serve run exited:\n" + (config_path.parent / "serve.log").read_text()[-4000:])
-    yield {"client": client, "model": str(path), "redis_url": redis_url, "base_url": base_url}
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    redis_server.stop()
-    log.close()
+    yield from run_app(checkpoint("llama3"), tmp_path_factory.mktemp("serve"))
+
+
+@functools.cache
+def _offline_llm(model: str) -> LLM:
+    return LLM(model, device="cpu", dtype="float32")
 
 
 def offline(model: str, prompts, params: SamplingParams):
-    llm = LLM(model, device="cpu", dtype="float32")
-    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    outputs = _offline_llm(model).generate(prompts, params, use_tqdm=False)
+    return [o.outputs[0] for o in outputs]
 
 
 def test_greedy_completions_equal_offline_engine(server):
@@ -123,7 +90,7 @@ def test_streamed_chat_equals_non_streamed(server):
     [
         ({"prompt": [1, 2], "max_tokens": -3}, 400),
         ({"prompt": [1, 999999], "max_tokens": 3}, 400),
-        ({"prompt": list(range(5, 300)), "max_tokens": 3}, 400),
+        ({"prompt": list(range(5, 300)) * 2, "max_tokens": 3}, 400),
         ({"prompt": [1, 2], "temperature": "hot"}, 400),
         ({"prompt": [1, 2], "model": "not-this-one"}, 404),
     ],
@@ -140,17 +107,204 @@ def test_bad_input_gets_openai_errors(server, body, status):
 
 def test_48_concurrent_requests_and_redis_records(server):
     async def main():
-        client = openai.AsyncOpenAI(
-            base_url=f"{server['base_url']}/v1", api_key="none", max_retries=0
-        )
-        calls = [
-            client.completions.create(model=server["model"], prompt=[5 + i, 6, 7], max_tokens=6)
-            for i in range(48)
-        ]
-        return await asyncio.gather(*calls)
+        base_url = f"{server['base_url']}/v1"
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0) as client:
+            calls = [
+                client.completions.create(model=server["model"], prompt=[5 + i, 6, 7], max_tokens=6)
+                for i in range(48)
+            ]
+            return await asyncio.gather(*calls)
 
     outs = asyncio.run(main())
     assert len(outs) == 48 and all(o.usage.completion_tokens >= 1 for o in outs)
     assert server["client"].completions.create(model=server["model"], prompt=[9, 9], max_tokens=2)
     keys = redis.Redis.from_url(server["redis_url"]).keys("pdray:*")
-    assert len(keys) == 2  # one live record per engine replica (prefill, decode)
+    assert len(keys) == 4  # one live record per engine replica (2 prefill, 2 decode)
+
+
+def test_metrics_on_the_prometheus_endpoint(server):
+    """The router's histograms count each request once; replicas export gauges and KV bytes."""
+    client, model = server["client"], server["model"]
+    names = (TTFT_COUNT, REQUESTS, PICKS)
+    before = settled_scrape(server, *names, quiet_s=2.0)
+    num_requests = 4
+    for i in range(num_requests):  # each ends by length, streamed or not
+        kwargs = {"max_tokens": 5, "extra_body": {"ignore_eos": True}, "stream": bool(i % 2)}
+        out = client.completions.create(model=model, prompt=[40 + i, 41, 42], **kwargs)
+        assert sum(1 for _ in out) if i % 2 else out.choices[0].finish_reason == "length"
+
+    def counts(after) -> dict[str, float]:
+        def grew(name: str, **labels: str) -> float:
+            return after.value(name, **labels) - before.value(name, **labels)
+
+        return {
+            "ttft": grew(TTFT_COUNT),
+            "tpot": grew("ray_pdray_time_per_output_token_seconds_count"),
+            "e2e": grew("ray_pdray_e2e_request_latency_seconds_count"),
+            "requests": grew(REQUESTS),
+            "finished by length": grew(REQUESTS, status="length"),
+            "prefill picks": grew(PICKS, role="prefill", outcome="picked"),
+            "decode picks": grew(PICKS, role="decode", outcome="picked"),
+        }
+
+    deadline = time.time() + 30
+    after = settled_scrape(server, *names)
+    while min(counts(after).values()) < num_requests and time.time() < deadline:
+        after = settled_scrape(server, *names)  # a late report
+    assert counts(after) == dict.fromkeys(counts(after), num_requests)
+    for role in ("prefill", "decode"):
+        assert after.value(KV_BYTES, role=role) > 0
+    assert after.value("ray_pdray_kv_transfers_total", role="decode") > 0
+    replicas = set(instance_records(server))
+    assert set(after.by("ray_pdray_kv_cache_usage", "replica")) >= replicas
+    assert set(after.by("ray_pdray_running_requests", "replica")) >= replicas
+
+
+def test_decode_replica_killed_mid_run(server):
+    """Requests spread over all four replicas. Then one decode replica's actor is killed while it
+    streams some requests and waits for the KV of others: those without a token by then complete
+    with the offline engine's output (the router retries them on the other decode replica); the
+    ones it was streaming fail with an error naming it. Its record goes, it is never picked
+    again, and no KV block stays taken."""
+    model = server["model"]
+    records = instance_records(server)
+    decodes = sorted(i for i, r in records.items() if r["role"] == "decode")
+    assert len(decodes) == 2 and len(records) == 4
+    long_prompts = [[50 + i, 6, 7] for i in range(6)]
+    long_tokens = MAX_MODEL_LEN - 8
+    prompts = [[(7 * i + j) % 300 + 5 for j in range(200)] for i in range(20)]  # slow prefill
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.text for o in offline(model, prompts, params)]
+    params = SamplingParams(temperature=0, max_tokens=long_tokens, ignore_eos=True)
+    want_long = [o.text for o in offline(model, long_prompts, params)]
+    first_chunk_s: dict[tuple[str, int], float] = {}
+    stop_reading_s = {"long": float("inf")}  # then the client leaves (the server aborts)
+
+    async def request(aclient, kind: str, i: int, prompt: list[int], max_tokens: int):
+        text = ""
+        try:
+            chunks = await aclient.completions.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            async with chunks:
+                async for chunk in chunks:
+                    first_chunk_s.setdefault((kind, i), time.monotonic())
+                    text += chunk.choices[0].text if chunk.choices else ""
+                    if time.monotonic() > stop_reading_s.get(kind, float("inf")):
+                        break
+            return text
+        except openai.APIError as e:
+            return e
+
+    def async_client():
+        base_url = f"{server['base_url']}/v1"
+        return openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+
+    async def together(kind: str, prompts_: list[list[int]]) -> list:
+        async with async_client() as aclient:
+            calls = [request(aclient, kind, i, p, 16) for i, p in enumerate(prompts_)]
+            return await asyncio.gather(*calls)
+
+    assert asyncio.run(together("spread", prompts[:16])) == want[:16]
+    moved = settled_scrape(server, KV_BYTES, quiet_s=2.5).by(KV_BYTES, "replica")
+    assert all(moved.get(i, 0) > 0 for i in records), moved  # every replica served some
+
+    async def streaming(kind: str, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while sum(k[0] == kind for k in first_chunk_s) < count:
+            assert time.monotonic() < deadline, f"{kind} requests do not stream"
+            await asyncio.sleep(0.01)
+
+    async def main():
+        async with async_client() as aclient:
+            return await kill_mid_run(aclient)
+
+    async def kill_mid_run(aclient):
+        decode = serve.get_deployment_handle("Decode", app_name="pdray")
+
+        async def stats() -> dict[str, dict]:
+            return {d: await decode.stats.remote(replica_id=d) for d in decodes}
+
+        def start(kind: str, indices, prompts_, max_tokens: int) -> list[asyncio.Future]:
+            return [
+                asyncio.ensure_future(request(aclient, kind, i, prompts_[i], max_tokens))
+                for i in indices
+            ]
+
+        # long streams on both decode replicas: the router sees the first three's load (after a
+        # heartbeat and a snapshot refresh) before it places the next three
+        longs = start("long", range(3), long_prompts, long_tokens)
+        await streaming("long", 3)
+        await asyncio.sleep(2.5)
+        longs += start("long", range(3, 6), long_prompts, long_tokens)
+        await streaming("long", 6)
+        assert all(s["running_requests"] >= 1 for s in (await stats()).values())
+        # then requests with long prompts; the victim is a decode replica waiting for their KV
+        shorts = start("short", range(len(prompts)), prompts, 16)
+        victim, deadline = None, time.monotonic() + 30
+        while victim is None:
+            assert time.monotonic() < deadline, "no decode replica waits for KV"
+            waiting = {d: s["waiting_requests"] for d, s in (await stats()).items()}
+            victim = next((d for d, n in waiting.items() if n >= 2), None)
+        actor = _replica_actor(victim)
+        ray.kill(actor, no_restart=True)
+        while True:  # until calls to it fail
+            try:
+                await asyncio.wait_for(actor.__ray_ready__.remote(), 5)
+                await asyncio.sleep(0.01)
+            except Exception:
+                break
+        dead_s = time.monotonic()
+        stop_reading_s["long"] = dead_s + 2.0  # the survivor's streams need not run to the end
+        return victim, dead_s, await asyncio.gather(*longs), await asyncio.gather(*shorts)
+
+    victim, dead_s, longs, shorts = asyncio.run(main())
+    died = f"decode instance {victim} failed after streaming"
+    assert any(isinstance(r, Exception) for r in longs)  # the victim was streaming some
+    for i, result in enumerate(longs):
+        if isinstance(result, Exception):
+            assert died in str(result)
+        else:  # streamed by the other decode replica, correct so far
+            assert result and want_long[i].startswith(result), f"long request {i}: {result!r}"
+    for i, result in enumerate(shorts):
+        streamed_before_death = first_chunk_s.get(("short", i), dead_s + 2) < dead_s + 1
+        if isinstance(result, Exception) and streamed_before_death:
+            assert died in str(result)
+        else:
+            assert result == want[i], f"request {i}: {result!r}"
+    # the victim's record is gone (deleted when marked down, else expired after the TTL)
+    deadline = time.time() + 3 + 5
+    while victim in instance_records(server) and time.time() < deadline:
+        time.sleep(0.2)
+    assert victim not in instance_records(server)
+    # calls to the victim that failed, less the requests that failed: requests it held with no
+    # token yet, which the router moved to the other decode replica
+    picks = settled_scrape(server, PICKS)
+    failed_calls = picks.value(PICKS, replica=victim, outcome="failed")
+    assert failed_calls > sum(isinstance(r, Exception) for r in longs + shorts)
+
+    assert asyncio.run(together("more", prompts[:4])) == want[:4]
+    later = settled_scrape(server, PICKS)
+    assert later.value(PICKS, replica=victim) == picks.value(PICKS, replica=victim)
+    assert (
+        later.value(PICKS, role="decode", outcome="picked")
+        >= picks.value(PICKS, role="decode", outcome="picked") + 4
+    )
+
+    # every KV block taken during all this is free again on the replicas still serving
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        records = instance_records(server)
+        if all(r["free_kv_blocks"] == r["total_kv_blocks"] for r in records.values()):
+            break
+        time.sleep(0.5)
+    assert {i: r["free_kv_blocks"] for i, r in records.items()} == {
+        i: r["total_kv_blocks"] for i, r in records.items()
+    }
+
+
+def _replica_actor(replica_id: str):
+    names = ray.util.list_named_actors(all_namespaces=True)
+    named = next(a for a in names if a["name"].endswith(f"#{replica_id}"))
+    return ray.get_actor(named["name"], namespace=named["namespace"])

@@ -1,0 +1,166 @@
+"""Runs the app for the serve tests: `serve run` on a copy of serve_config.yaml (tiny checkpoint,
+CPU, 2 prefill + 2 decode replicas over UCX) on a Ray head that this process starts with a known
+metrics export port, so tests can read the Prometheus endpoint and kill replica actors. Also
+reads that endpoint and the replicas' Redis records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import openai
+import ray
+import redis
+import yaml
+from prometheus_client import parser as prometheus_parser
+
+from pdray.router.redis_server import RedisServer, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+WARMUP_PROMPT = [5, 6, 7, 8]
+METRICS_REPORT_INTERVAL_S = 0.5
+MAX_MODEL_LEN = 512
+
+
+def run_app(path: Path, tmp_dir: Path, replicas: int = 2):
+    """Start Redis, Ray and the app (`replicas` prefill and decode); yield what tests need;
+    stop all three."""
+    redis_server = RedisServer()
+    redis_url = redis_server.start()
+    metrics_port, http_port = free_port(), free_port()
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    # lease_s: KV held up by a replica's death (a prefill replica blocks while it fails to reach
+    # a dead decode one) is recomputed on decode after 5 s rather than 30
+    args.update(model=str(path), device="cpu", dtype="float32", redis_url=redis_url,
+                scheduler_ttl_s=3, lease_s=5)  # fmt: skip
+    for role in ("prefill", "decode"):
+        args[role]["replicas"] = replicas
+        args[role]["engine_args"] = {"num_kv_blocks": 512, "max_model_len": MAX_MODEL_LEN}
+    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    config_path = tmp_dir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = tmp_dir / "serve.log"
+    proc = None
+    try:
+        context = ray.init(
+            address="local",  # a new Ray instance, even when `ray start` runs on this machine
+            num_cpus=8,  # logical: the replicas, the router and Serve's actors fit on 2 cores
+            include_dashboard=False,
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": int(METRICS_REPORT_INTERVAL_S * 1e3)},
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONUNBUFFERED"] = "1"
+        serve_cli = Path(sys.executable).parent / "serve"
+        gcs_address = context.address_info["gcs_address"]
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [str(serve_cli), "run", "--address", gcs_address, str(config_path)],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+        server = {
+            "client": openai.OpenAI(
+                base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0
+            ),
+            "model": str(path),
+            "redis_url": redis_url,
+            "base_url": f"http://127.0.0.1:{http_port}",
+            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+        }
+        _wait_ready(server, proc, log_path, num_records=2 * replicas)
+        yield server
+    finally:
+        if proc is not None:
+            _stop(proc)
+        ray.shutdown()
+        redis_server.stop()
+
+
+def _wait_ready(server, proc: subprocess.Popen, log_path: Path, num_records: int) -> None:
+    """Until a completion succeeds and every replica has its Redis record."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            server["client"].completions.create(
+                model=server["model"], prompt=WARMUP_PROMPT, max_tokens=1
+            )
+            if len(instance_records(server)) == num_records:
+                return
+        except Exception:
+            pass
+        time.sleep(1)
+    raise RuntimeError("the app did not start:\n" + log_path.read_text()[-4000:])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask serve run to shut the app down; ray.shutdown() ends whatever is left anyway."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Scrape:
+    """One read of the Prometheus endpoint: samples summed over the labels not asked for."""
+
+    def __init__(self, text: str):
+        self.samples: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+        for family in prometheus_parser.text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples[sample.name].append((sample.labels, sample.value))
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(
+            value
+            for sample_labels, value in self.samples.get(name, [])
+            if all(sample_labels.get(k) == v for k, v in labels.items())
+        )
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        """Sum of `name` per value of `label`."""
+        totals: dict[str, float] = defaultdict(float)
+        for sample_labels, value in self.samples.get(name, []):
+            totals[sample_labels.get(label, "")] += value
+        return dict(totals)
+
+
+def scrape(server) -> Scrape:
+    with urllib.request.urlopen(server["metrics_url"], timeout=10) as response:
+        return Scrape(response.read().decode())
+
+
+def settled_scrape(server, *names: str, quiet_s: float = 1.5, timeout_s: float = 30.0) -> Scrape:
+    """A scrape after the totals of `names` did not change for `quiet_s` (replicas update their
+    metrics every heartbeat, 1 s here; Ray ships them every METRICS_REPORT_INTERVAL_S)."""
+    last = scrape(server)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        time.sleep(quiet_s)
+        now = scrape(server)
+        if all(now.value(name) == last.value(name) for name in names):
+            return now
+        last = now
+    raise AssertionError(f"{names} kept changing for {timeout_s}s")
+
+
+def instance_records(server) -> dict[str, dict]:
+    """The live Redis records of the app's replicas, by instance id."""
+    records = {}
+    with redis.Redis.from_url(server["redis_url"]) as client:
+        for key in client.keys("pdray:*:instance:*"):
+            value = client.get(key)
+            if value is not None:  # expired since KEYS
+                record = json.loads(value)
+                records[record["instance_id"]] = record
+    return records
