@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
-import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +16,7 @@ MODEL = "tiny-llama3"
 def served(checkpoint):
     """A tiny random llama3 (vocab 384, 512-token context) behind the OpenAI app, served by
     uvicorn on a port the OS picks; yields its `url`, `engine` and `model` name."""
-    import uvicorn
+    from entrypoints.serving_utils import serve
 
     from pdray.config import EngineConfig
     from pdray.engine.llm_engine import LLMEngine
@@ -29,21 +26,8 @@ def served(checkpoint):
         model=str(checkpoint("llama3")), device="cpu", dtype="float32", num_kv_blocks=512
     )
     engine = LLMEngine(config)
-    with LocalEngineBackend(engine) as backend:
-        app = build_openai_app(backend, model_name=MODEL)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        try:
-            url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-            yield SimpleNamespace(url=url, engine=engine, model=MODEL)
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            sock.close()
+    with (
+        LocalEngineBackend(engine) as backend,
+        serve(build_openai_app(backend, model_name=MODEL)) as url,
+    ):
+        yield SimpleNamespace(url=url, engine=engine, model=MODEL)
