@@ -122,19 +122,23 @@ class RedisServer:
     def _wait_ready(self, process: subprocess.Popen, port: int) -> str | None:
         import redis
 
-        client = redis.Redis(host=self.host, port=port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            host=self.host, port=port, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
-                    log = Path(self._log_path(port))
-                    tail = log.read_text(errors="replace")[-500:].strip() if log.exists() else ""
-                    return f"exited with code {process.returncode}: {tail}"
+                    break
                 try:
                     if client.ping():
                         return None
                 except redis.exceptions.RedisError:
                     time.sleep(0.02)
+            if process.poll() is not None:  # also when a slow PING used up the deadline
+                log = Path(self._log_path(port))
+                tail = log.read_text(errors="replace")[-500:].strip() if log.exists() else ""
+                return f"exited with code {process.returncode}: {tail}"
             return f"no answer to PING on port {port} within {self.startup_timeout_s}s"
         finally:
             client.close()
