@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from pdray.bench.timing import device_median_ms, wall_median_ms
 from pdray.config import EngineConfig
 from pdray.worker.batch import SamplingRow, StepBatch
 from pdray.worker.cuda_graph import DecodeCudaGraphs
@@ -68,8 +68,8 @@ def hf_decode_ms_per_token(runner: ModelRunner, context_len: int, new_tokens: in
                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
 
     with torch.inference_mode():
-        one = _wall_median_ms(lambda: generate(1), 3, warmup=1)
-        many = _wall_median_ms(lambda: generate(1 + new_tokens), 3, warmup=1)
+        one = wall_median_ms(lambda: generate(1), 3, warmup=1)
+        many = wall_median_ms(lambda: generate(1 + new_tokens), 3, warmup=1)
     del hf
     torch.cuda.empty_cache()
     return (many - one) / new_tokens
@@ -96,34 +96,6 @@ def _copy_weights_to_hf(model, hf) -> None:
         theirs.mlp.down_proj.weight.copy_(mlp.down_proj.weight)
         theirs.input_layernorm.weight.copy_(mine.input_layernorm.weight)
         theirs.post_attention_layernorm.weight.copy_(mine.post_attention_layernorm.weight)
-
-
-def _median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _wall_median_ms(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def decode_batch(num_seqs: int, context_len: int, block_size: int) -> StepBatch:
@@ -205,9 +177,9 @@ def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, it
             return runner.sampler(graphs.run(batch), batch.sampling_rows)
 
         graphs.run(batch)  # stage this batch's inputs for replay_only
-        gpu_ms = _median_ms(replay_only, iters)
-        step_ms = _wall_median_ms(graph_step, iters)
-        eager_ms = _wall_median_ms(lambda batch=batch: runner.execute(batch), max(3, iters // 4))
+        gpu_ms = device_median_ms(replay_only, iters)
+        step_ms = wall_median_ms(graph_step, iters)
+        eager_ms = wall_median_ms(lambda batch=batch: runner.execute(batch), max(3, iters // 4))
         kv_bytes = n * context_len * counts["kv_bytes_per_token"]
         bound_ms = (counts["weight_read_bytes"] + kv_bytes) / (read_gbps * 1e9) * 1e3
         rows.append({
@@ -279,7 +251,7 @@ def bench_prefill(runner, counts, prompt_lens, matmul_tflops, iters):
     rows = []
     for n in prompt_lens:
         batch = prefill_batch(n, runner.config.block_size)
-        ms = _wall_median_ms(lambda batch=batch: runner.execute(batch), iters)
+        ms = wall_median_ms(lambda batch=batch: runner.execute(batch), iters)
         flops = prefill_flops(counts, n)
         bound_ms = flops / (matmul_tflops * 1e12) * 1e3
         rows.append({

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from pdray.kv_transfer.base import SeqTicket, Ticket
+from pdray.bench.timing import device_median_ms
+from pdray.kv_transfer.base import Handoff, SeqTicket, Ticket
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 MODEL = "dummy:llama3-8b"
@@ -42,20 +43,6 @@ def _cache(num_blocks: int, random_fill: bool) -> torch.Tensor:
     shape = (LAYERS, 2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     make = torch.randn if random_fill else torch.zeros
     return make(shape, dtype=torch.bfloat16, device="cuda")
-
-
-def _median_copy_s(copy, reps: int = 10) -> float:
-    copy()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        copy()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
 
 
 # -- bandwidth ---------------------------------------------------------------------------------
@@ -117,7 +104,7 @@ def _copy_ceilings(cache, mapped, plain_buffers, n: int, dst_start: int) -> dict
     blocks = slice(dst_start, dst_start + n)
 
     def gbps(copy) -> float:
-        return num_bytes / _median_copy_s(copy) / 1e9
+        return num_bytes / device_median_ms(copy, 10, warmup=1) / 1e6
 
     return {
         "d2d_same_size_gbps": gbps(lambda: dst.copy_(src)),
@@ -160,7 +147,7 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
         receiver.on_message(message, payload)
         end = time.perf_counter()
         apply_s[0] += end - start
-        if type(message).__name__ == "Handoff":  # after every chunk: the ticket is complete and
+        if isinstance(message, Handoff):  # after every chunk: the ticket is complete and
             marks["in_place"] = end  # its copies finished, so the KV is in the decode cache
 
     transport = CudaIpcTransport()
@@ -174,7 +161,8 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
     largest = max(lengths) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
     big_src = torch.empty(largest, dtype=torch.uint8, device="cuda").random_()
     big_dst = torch.empty_like(big_src)
-    d2d_large_gbps = largest / _median_copy_s(lambda: big_dst.copy_(big_src)) / 1e9
+    d2d_ms = device_median_ms(lambda: big_dst.copy_(big_src), 10, warmup=1)
+    d2d_large_gbps = largest / d2d_ms / 1e6
     report = {"d2d_large_bytes": largest, "d2d_large_gbps": d2d_large_gbps, "cases": []}
     generations = itertools.count(1)
     cases = [(n, False, False) for n in lengths] + [(8192, False, True), (8192, True, False)]
