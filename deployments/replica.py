@@ -120,7 +120,8 @@ class PDReplica:
             raise RuntimeError("the engine thread has stopped")
 
     def __del__(self) -> None:
-        self._stop.set()
+        if hasattr(self, "_stop"):  # not when __init__ failed
+            self._stop.set()
 
     # -- heartbeat -------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
     python examples/offline_disaggregated.py --transport local      # both engines in one process
     python examples/offline_disaggregated.py --transport ucx        # two processes, UCX (TCP on CPU)
     python examples/offline_disaggregated.py --transport cuda_ipc   # two processes on one GPU
+    python examples/offline_disaggregated.py --transport ucx --device cpu --prefill-tp 2
+                                                # prefill over 2 tensor-parallel ranks, decode 1
 
 Prints each output and checks it against a mixed (non-disaggregated) engine under greedy decoding.
 """
@@ -24,6 +26,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    parser.add_argument("--prefill-tp", type=int, default=1, help="prefill tensor_parallel_size")
+    parser.add_argument("--decode-tp", type=int, default=1, help="decode tensor_parallel_size")
     args = parser.parse_args()
 
     engine_args = {"device": args.device, "gpu_memory_utilization": args.gpu_memory_utilization}
@@ -38,6 +42,9 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     pair_class = LocalDisaggregatedLLM if args.transport == "local" else DisaggregatedLLM
     kwargs = {} if args.transport == "local" else {"transport": args.transport}
+    if args.prefill_tp > 1 or args.decode_tp > 1:
+        kwargs["prefill_args"] = {"tensor_parallel_size": args.prefill_tp}
+        kwargs["decode_args"] = {"tensor_parallel_size": args.decode_tp}
     with pair_class(args.model, **kwargs, **engine_args) as pair:
         outputs = pair.generate(prompts, params)
     reference = LLM(args.model, **engine_args).generate(prompts, params, use_tqdm=False)

@@ -85,7 +85,7 @@ def _sender_main(conn, num_blocks: int) -> None:
             sender.on_layer(0, LAYERS)
         on_layer_s = time.perf_counter() - start
         sender.end_step()
-        sender.flush(sender.handoff(seq.seq_id, SampledToken(0), None), 60.0)
+        sender.hand_off([(seq.seq_id, SampledToken(0), None)], 60.0)
         elapsed = time.perf_counter() - start
         conn.send((start, elapsed, on_layer_s, sender.metrics.chunks_sent - chunks_before))
     transport.close()
@@ -178,7 +178,7 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
             ticket = Ticket(
                 request_id=request_id, generation=next(generations),
                 seqs=[SeqTicket(seq_id=f"{request_id}-0", block_table=dst, num_cached_tokens=0)],
-                deadline_s=time.time() + 600.0, receiver=descriptor,
+                deadline_s=time.time() + 600.0, receivers=[descriptor],
             )  # fmt: skip
             receiver.expect(ticket)
             apply_s[0] = 0.0

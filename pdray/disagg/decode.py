@@ -5,6 +5,11 @@ Request lifecycle here:
                                  -> lease expired / transfer failed -> receiver revoked, blocks
                                     freed -> policy: recompute here | hand back for retry | fail
   abort at any point: receiver revoked first (no copy can still land), then blocks freed.
+
+With tensor parallelism every rank receives the KV of its own heads (pdray/disagg/tp_ranks.py);
+a ticket lists all ranks' receivers and is registered on all of them before it is returned. The
+request is admitted once rank 0 has its KV and every other rank reports the same; if any rank
+fails or expires the ticket, it is revoked on all of them and the policy applies.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from pdray.config import Role
+from pdray.disagg.tp_ranks import ReceiverRank, rank_transport
 from pdray.engine.llm_engine import LLMEngine
 from pdray.kv_transfer.base import FailurePolicy, KVTransport, SeqTicket, Ticket
 from pdray.kv_transfer.receiver import KVReceiver, TicketState
@@ -57,14 +63,24 @@ class DecodeWorker:
         self.engine = engine
         self.lease_s = lease_s
         self.policy = FailurePolicy(policy)
-        self.receiver = KVReceiver(engine.runner.kv_cache)
+        runner = engine.runner
+        spec = rank_transport(transport, runner.tp_group)
+        layout = runner.kv_layout
+        self.receiver = KVReceiver(runner.kv_cache, layout=layout)
         self.receiver.metrics.transport = transport.kind.value
         self.descriptor = transport.listen(
-            engine_id, engine.runner.kv_cache, self.receiver.on_message
+            engine_id, runner.kv_cache, self.receiver.on_message, layout
         )
+        self.receivers = [self.descriptor]
+        self.ranks = runner.tp_group  # the other tensor-parallel ranks, if any
+        if self.ranks is not None:
+            self.ranks.create("kv", ReceiverRank, spec, engine_id)
+            self.receivers += self.ranks.call("describe", target="kv")
         self.transport = transport
         self._generations = itertools.count(1)
         self.pending: dict[str, _Pending] = {}
+        # (request_id, generation) complete on rank 0 -> (ticket, handoffs, other ranks done)
+        self._rank_done: dict[tuple[str, int], tuple[Ticket, dict, set[int]]] = {}
         self.events: list[DecodeEvent] = []
 
     def reserve(
@@ -92,17 +108,27 @@ class DecodeWorker:
                 for r in reservations
             ],
             deadline_s=time.time() + (self.lease_s if lease_s is None else lease_s),
-            receiver=self.descriptor,
+            receivers=self.receivers,
         )
         self.receiver.expect(ticket)
+        if self.ranks is not None:  # every rank must know the ticket before any KV is sent
+            self.ranks.call("expect", ticket, target="kv")
         self.pending[request_id] = _Pending(ticket, prompt, params, policy or self.policy)
         return ticket
 
     def abort(self, request_id: str) -> None:
         pending = self.pending.pop(request_id, None)
         if pending is not None:
-            self.receiver.revoke(request_id, pending.ticket.generation, "aborted")
+            self._revoke(pending.ticket, "aborted")
         self.engine.abort_request(request_id)
+
+    def _revoke(self, ticket: Ticket, reason: str) -> None:
+        """Stop every rank applying KV of the ticket (before its blocks are freed)."""
+        key = (ticket.request_id, ticket.generation)
+        self.receiver.revoke(*key, reason)
+        if self.ranks is not None:
+            self._rank_done.pop(key, None)
+            self.ranks.broadcast("revoke", *key, reason, target="kv")
 
     def step(self) -> list[RequestOutput]:
         """Admissions (each a request's first token) come back at once, before a decode step
@@ -119,15 +145,49 @@ class DecodeWorker:
     def poll_transfers(self) -> list[RequestOutput]:
         """Admit requests whose KV arrived (their first token is the output), fail over others."""
         outputs = []
-        for ticket, state, handoffs, error in self.receiver.poll():
-            pending = self.pending.pop(ticket.request_id, None)
+        for ticket, state, handoffs, error in self._poll_ranks():
+            pending = self.pending.get(ticket.request_id)
             if pending is None or pending.ticket.generation != ticket.generation:
                 continue
+            del self.pending[ticket.request_id]
             if state is TicketState.COMPLETE:
                 outputs.append(self._admit(ticket, handoffs))
             else:
+                if self.ranks is not None:  # the other ranks may still hold it live
+                    self._revoke(ticket, error or state.value)
                 outputs += self._fail_over(pending, error or state.value)
         return outputs
+
+    def _poll_ranks(self) -> list[tuple[Ticket, TicketState, dict, str | None]]:
+        """Rank 0's finished tickets; with other ranks, a complete one waits for theirs."""
+        done = self.receiver.poll()
+        if self.ranks is None:
+            return done
+        finished = []
+        for ticket, state, handoffs, error in done:
+            if state is TicketState.COMPLETE:
+                self._rank_done[(ticket.request_id, ticket.generation)] = (ticket, handoffs, set())
+            else:
+                finished.append((ticket, state, handoffs, error))
+        if not self._rank_done:
+            return finished
+        for rank, reports in enumerate(self.ranks.call("poll", target="kv"), start=1):
+            for request_id, generation, state, error in reports:
+                waiting = self._rank_done.get((request_id, generation))
+                if waiting is None:
+                    continue  # rank 0 failed it already (and revoked it everywhere)
+                ticket, handoffs, ranks_done = waiting
+                if state != TicketState.COMPLETE.value:
+                    del self._rank_done[(request_id, generation)]
+                    why = f"decode rank {rank}: {error or state}"
+                    finished.append((ticket, TicketState(state), handoffs, why))
+                else:
+                    ranks_done.add(rank)
+        for key, (ticket, handoffs, ranks_done) in list(self._rank_done.items()):
+            if len(ranks_done) == len(self.receivers) - 1:
+                del self._rank_done[key]
+                finished.append((ticket, TicketState.COMPLETE, handoffs, None))
+        return finished
 
     def _admit(self, ticket: Ticket, handoffs: dict) -> RequestOutput:
         tokens = []
@@ -153,3 +213,4 @@ class DecodeWorker:
         for request_id in list(self.pending):
             self.abort(request_id)
         self.transport.close()
+        self.engine.close()

@@ -8,6 +8,8 @@ over the chosen transport (`ucx` or `cuda_ipc`; `local` runs both engines in thi
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import multiprocessing as mp
 import time
@@ -45,6 +47,7 @@ def _serve(role: str, model: str, transport: str, engine_args: dict, name: str, 
         while conn.poll(_idle_wait_s(worker)):
             command, args = conn.recv()
             if command == "close":
+                worker.close()
                 return
             try:
                 reply = _handle(worker, command, args)
@@ -87,33 +90,55 @@ class _Child:
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
-            target=_serve, args=(role, model, transport, engine_args, name, child_conn), daemon=True
+            target=_serve,
+            args=(role, model, transport, engine_args, name, child_conn),
+            daemon=False,  # a daemonic process cannot start its tensor-parallel ranks
         )
         self.process.start()
+        atexit.register(self.close)  # not daemonic: stop it at exit if the caller did not
         kind, payload = self.conn.recv()
         if kind == "error":
             raise RuntimeError(f"{role} engine failed to start: {payload}")
         self.descriptor = payload
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         if self.process.is_alive():
-            self.conn.send(("close", ()))
+            with contextlib.suppress(OSError):
+                self.conn.send(("close", ()))
             self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join(timeout=10)
 
 
 class DisaggregatedLLM:
-    """`generate` like `pdray.LLM`, with prefill and decode in separate processes."""
+    """`generate` like `pdray.LLM`, with prefill and decode in separate processes.
 
-    def __init__(self, model: str, transport: TransportKind | str = "ucx", **engine_args):
+    `engine_args` apply to both engines; `prefill_args` / `decode_args` add to or override them
+    for one side, e.g. `prefill_args={"tensor_parallel_size": 2}`."""
+
+    def __init__(
+        self,
+        model: str,
+        transport: TransportKind | str = "ucx",
+        *,
+        prefill_args: dict | None = None,
+        decode_args: dict | None = None,
+        **engine_args,
+    ):
         self.transport = TransportKind(transport)
         if self.transport is TransportKind.LOCAL:
             raise ValueError("the local transport needs both engines in one process")
         self._ids = itertools.count()
-        self.prefill = _Child("prefill", model, self.transport.value, engine_args, "prefill-0")
+        kind = self.transport.value
+        self.prefill = _Child(
+            "prefill", model, kind, {**engine_args, **(prefill_args or {})}, "prefill-0"
+        )
         try:
-            self.decode = _Child("decode", model, self.transport.value, engine_args, "decode-0")
+            self.decode = _Child(
+                "decode", model, kind, {**engine_args, **(decode_args or {})}, "decode-0"
+            )
         except Exception:
             self.prefill.close()
             raise
@@ -212,6 +237,7 @@ class LocalDisaggregatedLLM:
 
     def close(self) -> None:
         self.decode.close()
+        self.prefill.close()
 
     def __enter__(self) -> LocalDisaggregatedLLM:
         return self

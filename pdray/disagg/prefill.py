@@ -3,6 +3,10 @@
 Request lifecycle here:  submit(ticket) -> prefill steps (layer-wise KV streaming) -> first token
 -> Handoff -> flush -> blocks released. On any error the ticket is aborted toward the receiver
 and the blocks are released; the decode side then applies its failure policy.
+
+With tensor parallelism every rank sends the KV of its own heads: the other ranks' senders
+(pdray/disagg/tp_ranks.py) get each ticket, each step's plan and each hand-off from here, and the
+blocks are released only after every rank's hand-off was acknowledged.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from pdray.config import Role
+from pdray.disagg.tp_ranks import SenderRank, rank_transport
 from pdray.engine.llm_engine import LLMEngine
 from pdray.kv_transfer.base import KVTransport, Ticket, TransferError
 from pdray.kv_transfer.sender import KVSender
@@ -34,11 +39,17 @@ class PrefillWorker:
         self.engine = engine
         self.transport = transport
         self.flush_timeout_s = flush_timeout_s
-        kv_cache = engine.runner.kv_cache
-        transport.register(kv_cache)
-        self.sender = KVSender(transport, kv_cache)
-        engine.runner.on_layer_kv_written = self.sender.on_layer
-        engine.step_observer = self.sender
+        runner = engine.runner
+        self.layout = runner.kv_layout
+        transport.register(runner.kv_cache, self.layout)
+        self.sender = KVSender(transport, runner.kv_cache, layout=self.layout)
+        runner.on_layer_kv_written = self.sender.on_layer
+        self.ranks = runner.tp_group  # the other tensor-parallel ranks, if any
+        spec = rank_transport(transport, self.ranks)
+        if self.ranks is not None:
+            self.ranks.create("kv", SenderRank, spec)
+        self._planned = False
+        engine.step_observer = self
         self.tickets: dict[str, Ticket] = {}
 
     def submit(
@@ -46,22 +57,39 @@ class PrefillWorker:
     ) -> None:
         """Queue a prompt. With a ticket its KV goes to that decode reservation; without one
         the request only prefills (its output is the first token)."""
-        if ticket is not None and not ticket.receiver.layout.compatible_with(_layout(self.engine)):
+        if ticket is not None and not ticket.receiver.layout.compatible_with(self.layout):
             raise ValueError("the decode engine's KV layout differs from this prefill engine's")
         self.engine.add_request(request_id, prompt, params)
         if ticket is not None:
             try:
                 self.sender.add_ticket(ticket)
             except Exception:
+                self.sender.forget([seq.seq_id for seq in ticket.seqs])
                 self.engine.abort_request(request_id)
                 raise
+            if self.ranks is not None:
+                self.ranks.broadcast("add_ticket", ticket, target="kv")
             self.tickets[request_id] = ticket
 
     def abort(self, request_id: str, reason: str = "aborted by client") -> None:
         ticket = self.tickets.pop(request_id, None)
         if ticket is not None:
             self.sender.abort(ticket, reason)
+            self._forget_on_ranks(ticket)
         self.engine.abort_request(request_id)
+
+    # -- engine.step_observer: around each forward ----------------------------------------------
+
+    def begin_step(self, scheduled) -> None:
+        plan = self.sender.begin_step(scheduled)
+        self._planned = bool(plan) and self.ranks is not None
+        if self._planned:
+            self.ranks.broadcast("set_plan", plan, target="kv")
+
+    def end_step(self) -> None:
+        self.sender.end_step()
+        if self._planned:
+            self.ranks.broadcast("end_step", target="kv")
 
     def step(self) -> list[PrefillResult]:
         results = []
@@ -75,11 +103,7 @@ class PrefillWorker:
         ticket = self.tickets.pop(request_id, None)
         try:
             if ticket is not None:
-                peer = None
-                for seq, token in self.engine.request_seq_states(request_id):
-                    state = self.engine.runner.sampler.export_state(seq.seq_id)
-                    peer = self.sender.handoff(seq.seq_id, token, state)
-                self.sender.flush(peer, self.flush_timeout_s)
+                self._hand_off_all_ranks(ticket, request_id)
             return PrefillResult(request_id, out)
         except (TransferError, OSError) as e:
             logger.warning("KV hand-off of %s failed: %s", request_id, e)
@@ -88,11 +112,32 @@ class PrefillWorker:
         finally:
             self.engine.release(request_id)
 
+    def _hand_off_all_ranks(self, ticket: Ticket, request_id: str) -> None:
+        """Every rank sends its Handoffs and waits for the decode ranks it fed; raises if any
+        rank failed. The other ranks run theirs while this one does."""
+        sampler = self.engine.runner.sampler
+        seqs = [
+            (seq.seq_id, token, sampler.export_state(seq.seq_id))
+            for seq, token in self.engine.request_seq_states(request_id)
+        ]
+        if self.ranks is not None:
+            self.ranks.broadcast("hand_off", seqs, self.flush_timeout_s, target="kv", reply=True)
+        try:
+            self.sender.hand_off(seqs, self.flush_timeout_s)
+        finally:
+            errors = [] if self.ranks is None else [e for e in self.ranks.gather() if e]
+        if errors:
+            raise TransferError("; ".join(errors))
+
+    def _forget_on_ranks(self, ticket: Ticket) -> None:
+        if self.ranks is not None:
+            self.ranks.broadcast("forget", [s.seq_id for s in ticket.seqs], target="kv")
+
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
 
-
-def _layout(engine: LLMEngine):
-    from pdray.kv_transfer.base import KVLayout
-
-    return KVLayout.of(engine.runner.kv_cache)
+    def close(self) -> None:
+        for request_id in list(self.tickets):
+            self.abort(request_id, "the prefill engine is closing")
+        self.transport.close()
+        self.engine.close()

@@ -10,6 +10,12 @@ Data flow for one request (decode side owns the destination and decides what is 
   decode  applies a chunk only while the ticket (request_id, generation) is live, under its lock;
           complete when the Handoff arrived and every chunk it counts was applied -> admit.
 
+Tensor-parallel engines: every rank holds the KV of its KV heads (`KVLayout.kv_heads`), so every
+prefill rank is a sender and every decode rank a receiver. `kv_routes` says which heads go from
+which prefill rank to which decode rank (each head once, from the lowest prefill rank holding it),
+which re-shards the KV when the two sides use different tensor-parallel sizes; a chunk names its
+heads, and each Handoff says how many prefill ranks send to that decode rank.
+
 A transport only moves (header, payload) from sender to receiver: `local` (same process),
 `ucx` (ucxx, across nodes or processes), `cuda_ipc` (payload stays in the sender's GPU memory and
 the receiver copies it through CUDA IPC). Fencing lives in the receiver, so it is the same for all.
@@ -40,8 +46,19 @@ class FailurePolicy(str, enum.Enum):
     FAIL = "fail"  # end the request with an error
 
 
+def head_range(rank: int, size: int, total_heads: int) -> tuple[int, int]:
+    """KV heads [start, stop) held by tensor-parallel rank `rank` of `size`: an equal share, or,
+    with fewer heads than ranks, one head replicated on size / total_heads consecutive ranks."""
+    if total_heads >= size:
+        share = total_heads // size
+        return rank * share, (rank + 1) * share
+    head = rank // (size // total_heads)
+    return head, head + 1
+
+
 class KVLayout(BaseModel):
-    """Shape of an engine's KV cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Shape of one rank's KV cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim],
+    holding KV heads `kv_heads` of the model's `total_kv_heads` (all of them at tp_size 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     num_layers: int
@@ -50,19 +67,59 @@ class KVLayout(BaseModel):
     num_kv_heads: int
     head_dim: int
     dtype: str = Field(description="torch dtype name, e.g. 'bfloat16'")
+    total_kv_heads: int = Field(0, description="KV heads of the model; 0: num_kv_heads")
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @classmethod
-    def of(cls, kv_cache: torch.Tensor) -> KVLayout:
+    def of(
+        cls, kv_cache: torch.Tensor, tp_rank: int = 0, tp_size: int = 1, total_kv_heads: int = 0
+    ) -> KVLayout:
         layers, _, blocks, block_size, heads, head_dim = kv_cache.shape
         dtype = str(kv_cache.dtype).removeprefix("torch.")
         return cls(
-            num_layers=layers, num_blocks=blocks, block_size=block_size,
-            num_kv_heads=heads, head_dim=head_dim, dtype=dtype,
+            num_layers=layers, num_blocks=blocks, block_size=block_size, num_kv_heads=heads,
+            head_dim=head_dim, dtype=dtype, total_kv_heads=total_kv_heads or heads,
+            tp_rank=tp_rank, tp_size=tp_size,
         )  # fmt: skip
 
+    @property
+    def kv_heads(self) -> tuple[int, int]:
+        return head_range(self.tp_rank, self.tp_size, self.total_kv_heads or self.num_kv_heads)
+
     def compatible_with(self, other: KVLayout) -> bool:
-        mine = self.model_dump(exclude={"num_blocks"})
-        return mine == other.model_dump(exclude={"num_blocks"})
+        """Same model KV (layers, blocks, heads, dtype), whatever the tensor-parallel split."""
+        keys = {"num_layers", "block_size", "head_dim", "dtype"}
+        return self.model_dump(include=keys) == other.model_dump(include=keys) and (
+            self.total_kv_heads or self.num_kv_heads
+        ) == (other.total_kv_heads or other.num_kv_heads)
+
+
+def kv_routes(src: KVLayout, dst_size: int) -> list[tuple[int, tuple[int, int]]]:
+    """(decode rank, KV heads) that prefill rank `src` sends: each head of the model goes to every
+    decode rank holding it, from the lowest prefill rank holding it."""
+    total = src.total_kv_heads or src.num_kv_heads
+    start, stop = src.kv_heads
+    if src.tp_rank != 0 and head_range(src.tp_rank - 1, src.tp_size, total)[0] == start:
+        return []  # a replica of the previous rank's head: that rank sends it
+    routes = []
+    for rank in range(dst_size):
+        lo, hi = head_range(rank, dst_size, total)
+        if max(start, lo) < min(stop, hi):
+            routes.append((rank, (max(start, lo), min(stop, hi))))
+    return routes
+
+
+def num_senders(src_size: int, dst: KVLayout) -> int:
+    """How many of `src_size` prefill ranks send KV to decode rank `dst`."""
+    total = dst.total_kv_heads or dst.num_kv_heads
+    count = 0
+    for rank in range(src_size):
+        start, stop = head_range(rank, src_size, total)
+        src = dst.model_copy(update={"tp_rank": rank, "tp_size": src_size,
+                                     "num_kv_heads": stop - start, "total_kv_heads": total})  # fmt: skip
+        count += any(r == dst.tp_rank for r, _ in kv_routes(src, dst.tp_size))
+    return count
 
 
 class KVDescriptor(BaseModel):
@@ -94,7 +151,12 @@ class Ticket(BaseModel):
     generation: int = Field(description="reservation generation: fences writes to old reservations")
     seqs: list[SeqTicket]
     deadline_s: float = Field(description="time.time() after which the lease expires")
-    receiver: KVDescriptor
+    receivers: list[KVDescriptor] = Field(description="one per decode rank, rank 0 first")
+
+    @property
+    def receiver(self) -> KVDescriptor:
+        """Decode rank 0: it admits the request once every rank has its KV."""
+        return self.receivers[0]
 
 
 class LayerChunk(BaseModel):
@@ -108,6 +170,9 @@ class LayerChunk(BaseModel):
     layer: int = Field(description="first layer")
     num_layers: int = Field(1, ge=1)
     runs: list[tuple[int, int, int]] = Field(description="(src_block, dst_block, num_blocks)")
+    kv_heads: tuple[int, int] | None = Field(
+        None, description="the model's KV heads [start, stop) in the payload; None: all"
+    )
 
 
 class Handoff(BaseModel):
@@ -118,6 +183,8 @@ class Handoff(BaseModel):
     generation: int
     seq_id: str
     num_chunks: int = Field(description="layer chunks sent; one of k layers counts k")
+    sender_rank: int = Field(0, description="tensor-parallel rank of the prefill sender")
+    num_senders: int = Field(1, description="prefill ranks sending to this decode rank")
     first_token_id: int
     logprob: float | None = None
     rank: int | None = None
@@ -157,10 +224,24 @@ def merge_runs(src_blocks: list[int], dst_blocks: list[int]) -> list[BlockRun]:
     return runs
 
 
-def run_payload(kv_cache: torch.Tensor, chunk: LayerChunk) -> list[torch.Tensor]:
-    """Views of `kv_cache` holding the chunk's source runs (what a sender's payload is)."""
+def head_slice(chunk: LayerChunk, layout: KVLayout) -> slice:
+    """Where the chunk's KV heads are in a cache of `layout` (ValueError if it lacks some)."""
+    if chunk.kv_heads is None:
+        return slice(None)
+    start, stop = layout.kv_heads
+    lo, hi = chunk.kv_heads
+    if not start <= lo < hi <= stop:
+        raise ValueError(f"KV heads {lo}..{hi - 1} are not in a cache of heads {start}..{stop - 1}")
+    return slice(lo - start, hi - start)
+
+
+def run_payload(
+    kv_cache: torch.Tensor, chunk: LayerChunk, layout: KVLayout | None = None
+) -> list[torch.Tensor]:
+    """Views of `kv_cache` (of `layout`) holding the chunk's source runs: a sender's payload."""
     layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
-    return [kv_cache[layers, :, src : src + n] for src, _, n in chunk.runs]
+    heads = slice(None) if layout is None else head_slice(chunk, layout)
+    return [kv_cache[layers, :, src : src + n, :, heads] for src, _, n in chunk.runs]
 
 
 class TransferError(RuntimeError):
@@ -170,23 +251,30 @@ class TransferError(RuntimeError):
 class KVTransport(ABC):
     """Moves (message, payload) from a sender engine to a receiver engine.
 
-    Receiver side: `listen(kv_cache, on_message)` starts delivering incoming messages to
-    on_message (from a transport thread) and returns the descriptor peers connect with.
-    For LayerChunk, the payload is one tensor per run, [num_layers, 2, n, block_size, Hkv, D]
-    (K and V of the chunk's layers); the receiver copies them into its blocks. Sender side: `register(kv_cache)`, `connect(peer)`,
+    Receiver side: `listen(engine_id, kv_cache, on_message, layout)` starts delivering incoming
+    messages to on_message (from a transport thread) and returns the descriptor peers connect
+    with. For LayerChunk, the payload is one tensor per run, [num_layers, 2, n, block_size, H, D]
+    (K and V of the chunk's layers and heads); the receiver copies them into its blocks. `layout`
+    (default `KVLayout.of(kv_cache)`) says which KV heads a tensor-parallel rank's cache holds.
+    Sender side: `register(kv_cache, layout)`, `connect(peer)`,
     `send(peer_id, message, payload)` (may return before the bytes left), `flush(peer_id)` waits
     until everything sent to that peer was delivered or raises TransferError.
     """
 
     kind: TransportKind
+    spec: tuple[str, dict] | None = None  # (kind, options) that make this transport again
 
     @abstractmethod
     def listen(
-        self, engine_id: str, kv_cache: torch.Tensor, on_message: OnMessage
+        self,
+        engine_id: str,
+        kv_cache: torch.Tensor,
+        on_message: OnMessage,
+        layout: KVLayout | None = None,
     ) -> KVDescriptor: ...
 
     @abstractmethod
-    def register(self, kv_cache: torch.Tensor) -> None: ...
+    def register(self, kv_cache: torch.Tensor, layout: KVLayout | None = None) -> None: ...
 
     @abstractmethod
     def connect(self, peer: KVDescriptor) -> None: ...

@@ -187,14 +187,17 @@ def _coalesce(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return [(src, dst, n) for src, dst, n in merged]
 
 
-def _views(cache: torch.Tensor, chunk: LayerChunk) -> list[torch.Tensor] | None:
+def _views(cache: torch.Tensor, layout: KVLayout, chunk: LayerChunk) -> list[torch.Tensor] | None:
     """The sender cache's runs of the chunk (its payload); None if out of range."""
     num_layers, _, num_blocks = cache.shape[:3]
     if not 0 <= chunk.layer <= chunk.layer + chunk.num_layers <= num_layers:
         return None
     if any(n < 1 or src < 0 or src + n > num_blocks for src, _, n in chunk.runs):
         return None
-    return run_payload(cache, chunk)
+    try:
+        return run_payload(cache, chunk, layout)
+    except ValueError:  # heads the sender does not hold
+        return None
 
 
 # -- sender side -----------------------------------------------------------------------------------
@@ -277,11 +280,17 @@ class CudaIpcTransport(KVTransport):
 
     # -- receiver side ---------------------------------------------------------------------------
 
-    def listen(self, engine_id: str, kv_cache: torch.Tensor, on_message: OnMessage) -> KVDescriptor:
+    def listen(
+        self,
+        engine_id: str,
+        kv_cache: torch.Tensor,
+        on_message: OnMessage,
+        layout: KVLayout | None = None,
+    ) -> KVDescriptor:
         if self._server is not None:
             raise ValueError("this cuda_ipc transport already listens")
         self._server = socket.create_server((self.host, 0))
-        self._layout = KVLayout.of(kv_cache)
+        self._layout = layout or KVLayout.of(kv_cache)
         self._device = kv_cache.device
         self._on_message = on_message
         threading.Thread(target=self._accept, daemon=True, name="kv-ipc-accept").start()
@@ -324,7 +333,8 @@ class CudaIpcTransport(KVTransport):
             if hello is None or hello.get("t") != "hello":
                 return
             try:
-                if not KVLayout(**hello["layout"]).compatible_with(self._layout):
+                layout = KVLayout(**hello["layout"])
+                if not layout.compatible_with(self._layout):
                     raise TransferError("the sender's KV layout differs from this receiver's")
                 cache, unmap = _map_peer_cache(hello, self._device)
             except Exception as e:
@@ -337,7 +347,7 @@ class CudaIpcTransport(KVTransport):
                 if frame["t"] == "flush":
                     _write(sock, {"t": "ack", "n": frame["n"]})
                 else:
-                    self._deliver(_decode(frame), cache)
+                    self._deliver(_decode(frame), cache, layout)
         except (OSError, ValueError, KeyError) as e:
             logger.warning("cuda_ipc: connection from a sender broke: %s", e)
         finally:
@@ -349,12 +359,12 @@ class CudaIpcTransport(KVTransport):
             if unmap is not None:
                 unmap()
 
-    def _deliver(self, message: Message, cache: torch.Tensor) -> None:
+    def _deliver(self, message: Message, cache: torch.Tensor, layout: KVLayout) -> None:
         payload: list[torch.Tensor] = []
         if isinstance(message, LayerChunk):
             if len(message.runs) > 1:
                 message = message.model_copy(update={"runs": _coalesce(message.runs)})
-            payload = _views(cache, message)
+            payload = _views(cache, layout, message)
             if payload is None:
                 message = TransferAbort(
                     request_id=message.request_id, generation=message.generation,
@@ -368,12 +378,13 @@ class CudaIpcTransport(KVTransport):
 
     # -- sender side -----------------------------------------------------------------------------
 
-    def register(self, kv_cache: torch.Tensor) -> None:
+    def register(self, kv_cache: torch.Tensor, layout: KVLayout | None = None) -> None:
         exported = _export(kv_cache)
         token = uuid.uuid4().hex
         _exported[token] = kv_cache
+        layout = layout or KVLayout.of(kv_cache)
         self._hello = {"t": "hello", "pid": os.getpid(), "token": token,
-                       "layout": KVLayout.of(kv_cache).model_dump(), **exported}  # fmt: skip
+                       "layout": layout.model_dump(), **exported}  # fmt: skip
 
     def connect(self, peer: KVDescriptor) -> None:
         if peer.transport is not self.kind:

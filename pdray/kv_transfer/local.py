@@ -30,7 +30,13 @@ class LocalTransport(KVTransport):
     def __init__(self) -> None:
         self._listening: str | None = None
 
-    def listen(self, engine_id: str, kv_cache: torch.Tensor, on_message: OnMessage) -> KVDescriptor:
+    def listen(
+        self,
+        engine_id: str,
+        kv_cache: torch.Tensor,
+        on_message: OnMessage,
+        layout: KVLayout | None = None,
+    ) -> KVDescriptor:
         with _lock:
             if engine_id in _receivers:
                 raise ValueError(f"a local KV receiver named {engine_id!r} already exists")
@@ -39,11 +45,11 @@ class LocalTransport(KVTransport):
         return KVDescriptor(
             engine_id=engine_id,
             transport=self.kind,
-            layout=KVLayout.of(kv_cache),
+            layout=layout or KVLayout.of(kv_cache),
             address=engine_id,
         )
 
-    def register(self, kv_cache: torch.Tensor) -> None:
+    def register(self, kv_cache: torch.Tensor, layout: KVLayout | None = None) -> None:
         pass
 
     def connect(self, peer: KVDescriptor) -> None:

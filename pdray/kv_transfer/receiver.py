@@ -2,13 +2,19 @@
 
 Ticket state machine (one per reservation, keyed by (request_id, generation)):
 
-  LIVE --all chunks applied + Handoff--> COMPLETE   (engine thread admits the request)
+  LIVE --all chunks applied + Handoffs-> COMPLETE   (engine thread admits the request)
   LIVE --deadline passed---------------> EXPIRED    (engine thread frees blocks, applies policy)
   LIVE --TransferAbort / revoke--------> FAILED     (same)
 
 Messages for a ticket that is not LIVE (late writes, old generations) are dropped and counted;
 `revoke` takes the ticket's lock, so once it returns no copy into its blocks is running or can
 start: only then may the engine free them.
+
+A receiver is one rank of a decode engine. A sequence's KV may come from several prefill ranks
+(tensor parallelism): each sends its own Handoff, counting its chunks and the number of senders;
+the sequence is complete when all of them arrived and every chunk they count was applied. A
+Handoff ends its sender's writes: the copies are waited for before the sender is acknowledged,
+so it may reuse its blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +27,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdray.kv_transfer.base import Handoff, LayerChunk, Message, Ticket, TransferAbort
+from pdray.kv_transfer.base import (
+    Handoff,
+    KVLayout,
+    LayerChunk,
+    Message,
+    Ticket,
+    TransferAbort,
+    head_slice,
+)
 from pdray.kv_transfer.metrics import TransferMetrics
 
 logger = logging.getLogger(__name__)
@@ -40,15 +54,21 @@ class _Entry:
     state: TicketState = TicketState.LIVE
     allowed_blocks: dict[str, set[int]] = field(default_factory=dict)
     chunks_applied: dict[str, int] = field(default_factory=dict)
-    handoffs: dict[str, Handoff] = field(default_factory=dict)
+    handoffs: dict[str, dict[int, Handoff]] = field(default_factory=dict)  # seq -> sender rank
     error: str | None = None
     num_bytes: int = 0
     start_s: float = field(default_factory=time.monotonic)
 
 
 class KVReceiver:
-    def __init__(self, kv_cache: torch.Tensor, metrics: TransferMetrics | None = None):
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        metrics: TransferMetrics | None = None,
+        layout: KVLayout | None = None,
+    ):
         self.kv_cache = kv_cache
+        self.layout = layout or KVLayout.of(kv_cache)
         self.metrics = metrics or TransferMetrics()
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, int], _Entry] = {}
@@ -90,7 +110,8 @@ class KVReceiver:
             self._ready.append(entry)
             return
         if isinstance(message, Handoff):
-            entry.handoffs[message.seq_id] = message
+            self._wait_copies()  # the sender may reuse its blocks once acknowledged
+            entry.handoffs.setdefault(message.seq_id, {})[message.sender_rank] = message
         else:
             self._copy(entry, message, payload)
             entry.chunks_applied[message.seq_id] += message.num_layers
@@ -114,22 +135,29 @@ class KVReceiver:
             if not allowed.issuperset(range(dst, dst + n)):
                 raise ValueError(f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}")
         layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
+        heads = head_slice(chunk, self.layout)
         if self._stream is None:
             for (_, dst, n), src in zip(chunk.runs, payload, strict=True):
-                self.kv_cache[layers, :, dst : dst + n].copy_(src)
+                self.kv_cache[layers, :, dst : dst + n, :, heads].copy_(src)
         else:
             from kernels.run_copy import copy_run
 
             with torch.cuda.stream(self._stream):
                 for (_, dst, n), src in zip(chunk.runs, payload, strict=True):
-                    copy_run(self.kv_cache[layers, :, dst : dst + n], src)
+                    copy_run(self.kv_cache[layers, :, dst : dst + n, :, heads], src)
                     src.record_stream(self._stream)  # a transport's buffer outlives the copy
         entry.num_bytes += sum(src.nbytes for src in payload)
 
     def _complete(self, entry: _Entry) -> bool:
-        return len(entry.handoffs) == len(entry.ticket.seqs) and all(
-            entry.chunks_applied[seq_id] == h.num_chunks for seq_id, h in entry.handoffs.items()
-        )
+        if len(entry.handoffs) != len(entry.ticket.seqs):
+            return False
+        for seq_id, by_sender in entry.handoffs.items():
+            any_handoff = next(iter(by_sender.values()))
+            if len(by_sender) != any_handoff.num_senders:
+                return False
+            if entry.chunks_applied[seq_id] != sum(h.num_chunks for h in by_sender.values()):
+                return False
+        return True
 
     # -- engine thread ---------------------------------------------------------------------------
 
@@ -138,7 +166,8 @@ class KVReceiver:
     ) -> list[tuple[Ticket, TicketState, dict, str | None]]:
         """Tickets that completed, failed or expired since the last poll (each reported once).
 
-        For COMPLETE the dict maps seq_id -> Handoff; expired tickets are revoked here.
+        For COMPLETE the dict maps seq_id -> Handoff (prefill rank 0's, which all senders copy the
+        first token from); expired tickets are revoked here.
         """
         now_s = time.time() if now_s is None else now_s
         with self._lock:
@@ -152,7 +181,7 @@ class KVReceiver:
                     self._record(entry)
                     reported.append(entry)
             self._ready = []
-        return [(e.ticket, e.state, e.handoffs, e.error) for e in reported]
+        return [(e.ticket, e.state, _first_token_handoffs(e), e.error) for e in reported]
 
     def _expire_if_due(self, entry: _Entry, now_s: float) -> None:
         if now_s > entry.ticket.deadline_s:
@@ -186,3 +215,7 @@ class KVReceiver:
     def num_live(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+def _first_token_handoffs(entry: _Entry) -> dict[str, Handoff]:
+    return {seq_id: by_sender[min(by_sender)] for seq_id, by_sender in entry.handoffs.items()}

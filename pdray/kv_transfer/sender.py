@@ -1,12 +1,16 @@
 """Prefill side of KV transfer: streams each layer's new KV blocks while the forward runs.
 
 Per ticketed sequence:  add_ticket -> (each step) begin_step -> on_layer x num_layers -> end_step
-                        -> handoff (first token, after every chunk) -> flush -> engine releases.
+                        -> hand_off (first token, after every chunk; flushed) -> engine releases.
 Blocks already on the decode side (its prefix hits) are never sent. Only full blocks are sent
 until the step that completes the prompt, which also sends the partial last block, so no block
 is sent twice. On GPU a layer's chunk is sent from a thread once a CUDA event says it is written,
 so the transfer overlaps the rest of the forward; layers already written when the thread gets to
 them travel in one chunk (one header, one copy per run for all of them).
+
+A sender is one rank of a prefill engine. Its chunks carry the KV heads it sends to each decode
+rank (`kv_routes` of its layout); on the other ranks of a tensor-parallel engine the step's plan
+comes from rank 0 (`plan` there, `set_plan` here), since only rank 0 schedules.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ import torch
 from pdray.engine.scheduler import ScheduledSeq
 from pdray.kv_transfer.base import (
     Handoff,
+    KVLayout,
     KVTransport,
     LayerChunk,
     SeqTicket,
     Ticket,
     TransferAbort,
     TransferError,
+    kv_routes,
     merge_runs,
+    num_senders,
     run_payload,
 )
 from pdray.kv_transfer.metrics import TransferMetrics
@@ -43,6 +50,7 @@ _RETRY_CONNECT_S = 5.0
 class _SeqSend:
     ticket: Ticket
     seq_ticket: SeqTicket
+    routes: list[tuple[str, tuple[int, int]]]  # (decode rank's engine id, KV heads sent there)
     sent_upto: int  # blocks [0, sent_upto) are on the decode side
     num_chunks: int = 0
     error: str | None = None
@@ -53,6 +61,10 @@ class _Planned:
     state: _SeqSend
     runs: list[tuple[int, int, int]]  # (src_block, dst_block, num_blocks), merged once per step
     end: int
+
+
+# A step's plan as it crosses to the other ranks: (seq_id, runs, end) per sequence.
+WirePlan = list[tuple[str, list[tuple[int, int, int]], int]]
 
 
 @dataclass
@@ -69,9 +81,11 @@ class KVSender:
         transport: KVTransport,
         kv_cache: torch.Tensor,
         metrics: TransferMetrics | None = None,
+        layout: KVLayout | None = None,
     ):
         self.transport = transport
         self.kv_cache = kv_cache
+        self.layout = layout or KVLayout.of(kv_cache)
         self.block_size = kv_cache.shape[3]
         self.metrics = metrics or TransferMetrics(transport=transport.kind.value)
         self._seqs: dict[str, _SeqSend] = {}
@@ -83,7 +97,25 @@ class KVSender:
             threading.Thread(target=self._send_loop, daemon=True, name="kv-sender").start()
 
     def add_ticket(self, ticket: Ticket) -> None:
-        peer = ticket.receiver
+        """Connect to the decode ranks this rank sends to. On TransferError the ticket's
+        sequences are still tracked (other ranks may send them) and fail at hand-off."""
+        routes = [
+            (ticket.receivers[rank].engine_id, heads)
+            for rank, heads in kv_routes(self.layout, len(ticket.receivers))
+        ]
+        error = None
+        try:
+            for rank, _ in kv_routes(self.layout, len(ticket.receivers)):
+                self._connect(ticket.receivers[rank])
+        except TransferError as e:
+            error = str(e)
+        for seq in ticket.seqs:
+            first = seq.num_cached_tokens // self.block_size
+            self._seqs[seq.seq_id] = _SeqSend(ticket, seq, routes, first, error=error)
+        if error is not None:
+            raise TransferError(error)
+
+    def _connect(self, peer) -> None:
         if time.monotonic() < self._unreachable.get(peer.address, 0.0):
             raise TransferError(f"KV receiver {peer.engine_id} at {peer.address} was unreachable "
                                 f"less than {_RETRY_CONNECT_S:g} s ago")  # fmt: skip
@@ -92,14 +124,12 @@ class KVSender:
         except TransferError:  # do not stall every request on a dead peer's connect timeout
             self._unreachable[peer.address] = time.monotonic() + _RETRY_CONNECT_S
             raise
-        for seq in ticket.seqs:
-            first = seq.num_cached_tokens // self.block_size
-            self._seqs[seq.seq_id] = _SeqSend(ticket, seq, first)
 
     # -- during a step -------------------------------------------------------------------------
 
-    def begin_step(self, scheduled: list[ScheduledSeq]) -> None:
-        self._plan = []
+    def begin_step(self, scheduled: list[ScheduledSeq]) -> WirePlan:
+        """Plan this step's sends; returns the plan for the other ranks (`set_plan`)."""
+        wire: WirePlan = []
         for item in scheduled:
             state = self._seqs.get(item.seq.seq_id)
             if state is None:
@@ -112,8 +142,16 @@ class KVSender:
             if end > state.sent_upto:
                 start, dst_table = state.sent_upto, state.seq_ticket.block_table
                 runs = merge_runs(seq.block_table[start:end], dst_table[start:end])
-                triples = [(r.src, r.dst, r.num_blocks) for r in runs]
-                self._plan.append(_Planned(state, triples, end))
+                wire.append((seq.seq_id, [(r.src, r.dst, r.num_blocks) for r in runs], end))
+        self.set_plan(wire)
+        return wire
+
+    def set_plan(self, wire: WirePlan) -> None:
+        self._plan = [
+            _Planned(self._seqs[seq_id], runs, end)
+            for seq_id, runs, end in wire
+            if seq_id in self._seqs
+        ]
 
     def on_layer(self, layer: int, num_layers: int = 1) -> None:
         """Layers [layer, layer + num_layers) of this step are written (queued on the stream)."""
@@ -133,25 +171,43 @@ class KVSender:
 
     # -- after the first token -----------------------------------------------------------------
 
-    def handoff(self, seq_id: str, token: SampledToken, sampler_state: bytes | None) -> str:
-        """Send the first token of a sequence; returns the peer to flush before releasing."""
-        state = self._seqs.pop(seq_id)
-        ticket = state.ticket
+    def hand_off(
+        self, seqs: list[tuple[str, SampledToken, bytes | None]], timeout_s: float
+    ) -> None:
+        """Send each sequence's first token and sampler state to the decode ranks this rank fed,
+        then wait until they have everything (its blocks may be reused after that). Raises
+        TransferError if any of it failed; the sequences are forgotten either way."""
+        states = [(self._seqs.pop(seq_id, None), seq_id, token, st) for seq_id, token, st in seqs]
         if self._queue is not None:
-            self._queue.join()  # every chunk of this sequence has been handed to the transport
-        if state.error is not None:
-            raise TransferError(f"sending KV of {seq_id} failed: {state.error}")
-        message = Handoff(
-            request_id=ticket.request_id, generation=ticket.generation, seq_id=seq_id,
-            num_chunks=state.num_chunks, first_token_id=token.token_id, logprob=token.logprob,
-            rank=token.rank, top_logprobs=token.top_logprobs, sampler_state=sampler_state,
-        )  # fmt: skip
-        self.transport_send_now(ticket.receiver.engine_id, message)
-        return ticket.receiver.engine_id
+            self._queue.join()  # every chunk of these sequences has been handed to the transport
+        peers: dict[str, None] = {}
+        for state, seq_id, token, sampler_state in states:
+            if state is None:
+                raise TransferError(f"no KV transfer of {seq_id} is known on this rank")
+            if state.error is not None:
+                raise TransferError(f"sending KV of {seq_id} failed: {state.error}")
+            ticket = state.ticket
+            for peer_id, _ in state.routes:
+                receiver = next(r for r in ticket.receivers if r.engine_id == peer_id)
+                message = Handoff(
+                    request_id=ticket.request_id, generation=ticket.generation, seq_id=seq_id,
+                    num_chunks=state.num_chunks, sender_rank=self.layout.tp_rank,
+                    num_senders=num_senders(self.layout.tp_size, receiver.layout),
+                    first_token_id=token.token_id, logprob=token.logprob, rank=token.rank,
+                    top_logprobs=token.top_logprobs, sampler_state=sampler_state,
+                )  # fmt: skip
+                self.transport.send(peer_id, message, [])
+                peers[peer_id] = None
+        for peer_id in peers:
+            self.transport.flush(peer_id, timeout_s)
+
+    def forget(self, seq_ids: list[str]) -> None:
+        for seq_id in seq_ids:
+            self._seqs.pop(seq_id, None)
 
     def abort(self, ticket: Ticket, reason: str) -> None:
-        for seq in ticket.seqs:
-            self._seqs.pop(seq.seq_id, None)
+        """Forget the ticket and tell decode rank 0, which fails it on every decode rank."""
+        self.forget([seq.seq_id for seq in ticket.seqs])
         message = TransferAbort(
             request_id=ticket.request_id, generation=ticket.generation, reason=reason
         )
@@ -159,11 +215,6 @@ class KVSender:
             self.transport_send_now(ticket.receiver.engine_id, message)
         except Exception as e:  # the peer may be gone; its lease expires anyway
             logger.warning("could not tell %s about the abort: %s", ticket.receiver.engine_id, e)
-
-    def flush(self, peer_id: str, timeout_s: float) -> None:
-        if self._queue is not None:
-            self._queue.join()
-        self.transport.flush(peer_id, timeout_s)
 
     def transport_send_now(self, peer_id: str, message) -> None:
         """Send a control message after everything queued before it (order per peer kept)."""
@@ -174,18 +225,20 @@ class KVSender:
     def _send_layers(self, plan: list[_Planned], layer: int, num_layers: int) -> None:
         for p in plan:
             ticket = p.state.ticket
-            chunk = LayerChunk(
-                request_id=ticket.request_id, generation=ticket.generation,
-                seq_id=p.state.seq_ticket.seq_id, layer=layer, num_layers=num_layers, runs=p.runs,
-            )  # fmt: skip
-            payload = run_payload(self.kv_cache, chunk)
             p.state.num_chunks += num_layers
-            self.metrics.chunks_sent += 1
-            self.metrics.bytes_sent += sum(t.nbytes for t in payload)
-            try:
-                self.transport.send(ticket.receiver.engine_id, chunk, payload)
-            except Exception as e:  # never break the forward: the hand-off reports it
-                self._failed(p.state, ticket.receiver.engine_id, e)
+            for peer_id, heads in p.state.routes:
+                chunk = LayerChunk(
+                    request_id=ticket.request_id, generation=ticket.generation,
+                    seq_id=p.state.seq_ticket.seq_id, layer=layer, num_layers=num_layers,
+                    runs=p.runs, kv_heads=heads,
+                )  # fmt: skip
+                payload = run_payload(self.kv_cache, chunk, self.layout)
+                self.metrics.chunks_sent += 1
+                self.metrics.bytes_sent += sum(t.nbytes for t in payload)
+                try:
+                    self.transport.send(peer_id, chunk, payload)
+                except Exception as e:  # never break the forward: the hand-off reports it
+                    self._failed(p.state, peer_id, e)
 
     def _failed(self, state: _SeqSend, peer_id: str, error: Exception) -> None:
         self.metrics.failures += 1

@@ -201,10 +201,17 @@ class UcxTransport(KVTransport):
 
     # -- receiver ----------------------------------------------------------------------------
 
-    def listen(self, engine_id: str, kv_cache: torch.Tensor, on_message: OnMessage) -> KVDescriptor:
+    def listen(
+        self,
+        engine_id: str,
+        kv_cache: torch.Tensor,
+        on_message: OnMessage,
+        layout: KVLayout | None = None,
+    ) -> KVDescriptor:
         if self._listener is not None:
             raise ValueError("this UcxTransport is already listening")
         self._kv_cache, self._on_message = kv_cache, on_message
+        layout = layout or KVLayout.of(kv_cache)
 
         async def start():
             return ucxx.create_listener(self._serve, port=self.port)
@@ -214,7 +221,7 @@ class UcxTransport(KVTransport):
         except ucxx.exceptions.UCXError as e:
             raise TransferError(f"cannot listen for KV on port {self.port}: {e}") from e
         return KVDescriptor(
-            engine_id=engine_id, transport=self.kind, layout=KVLayout.of(kv_cache),
+            engine_id=engine_id, transport=self.kind, layout=layout,
             address=f"{self.host}:{self._listener.port}", host=socket.gethostname(),
         )  # fmt: skip
 
@@ -269,8 +276,13 @@ class UcxTransport(KVTransport):
             raise ValueError(f"bad runs {message.runs} for a cache of {cache.shape[2]} blocks")
         if not 0 <= message.layer <= message.layer + message.num_layers <= cache.shape[0]:
             raise ValueError(f"layers {message.layer}+{message.num_layers} outside the KV cache")
+        block_size, heads, head_dim = cache.shape[3:]
+        if message.kv_heads is not None:
+            heads = message.kv_heads[1] - message.kv_heads[0]
+            if not 0 < heads <= cache.shape[4]:
+                raise ValueError(f"bad KV heads {message.kv_heads} for a cache of {cache.shape[4]}")
         payload = [
-            torch.empty((message.num_layers, 2, n, *cache.shape[3:]), dtype=cache.dtype,
+            torch.empty((message.num_layers, 2, n, block_size, heads, head_dim), dtype=cache.dtype,
                         device=cache.device)
             for n in sizes
         ]  # fmt: skip
@@ -282,8 +294,8 @@ class UcxTransport(KVTransport):
 
     # -- sender ------------------------------------------------------------------------------
 
-    def register(self, kv_cache: torch.Tensor) -> None:
-        self._layout = KVLayout.of(kv_cache)
+    def register(self, kv_cache: torch.Tensor, layout: KVLayout | None = None) -> None:
+        self._layout = layout or KVLayout.of(kv_cache)
 
     def connect(self, peer: KVDescriptor) -> None:
         if peer.transport is not self.kind:
@@ -342,12 +354,14 @@ class UcxTransport(KVTransport):
         self._rt.loop.call_soon_threadsafe(self._post, peer, buffers)
 
     @staticmethod
-    @staticmethod
     def _check_payload(layout: KVLayout, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
         if len(payload) != len(chunk.runs):
             raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
         itemsize = getattr(torch, layout.dtype).itemsize
-        block_bytes = layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
+        heads = (
+            layout.num_kv_heads if chunk.kv_heads is None else chunk.kv_heads[1] - chunk.kv_heads[0]
+        )
+        block_bytes = layout.block_size * heads * layout.head_dim * itemsize
         for i, (t, (_, _, n)) in enumerate(zip(payload, chunk.runs, strict=True)):
             need = chunk.num_layers * 2 * n * block_bytes
             if t.nbytes != need:

@@ -87,6 +87,16 @@ class ModelRunner:
         per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim
         return per_token * self.config.block_size * self.dtype.itemsize
 
+    @property
+    def kv_layout(self):
+        """This rank's KV cache layout, with the KV heads it holds (for KV transfer)."""
+        from pdray.kv_transfer.base import KVLayout
+
+        return KVLayout.of(
+            self.kv_cache, tp_rank=self.rank, tp_size=self.config.tensor_parallel_size,
+            total_kv_heads=self.arch.num_kv_heads,
+        )  # fmt: skip
+
     def num_blocks_to_allocate(self, max_model_len: int) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks

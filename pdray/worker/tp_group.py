@@ -4,10 +4,14 @@
                                               placement group, or a child process offline)
   TensorParallelGroup(config)  -- spawns -->  follow(rank, ...): init_process_group, ModelRunner
   init_process_group, set_tensor_parallel      loop: command <- broadcast from rank 0
-  ModelRunner builds its shard of the model          ("bind", num_blocks)      -> scratch/real KV
-  per call: broadcast(command), then run it          ("graphs", max_model_len) -> capture graphs
-                                                     ("execute", batch)        -> forward, no sampling
-                                                     None                      -> exit
+  ModelRunner builds its shard of the model      (runner, _bind_kv_cache, num_blocks) -> scratch/real KV
+  per call: broadcast(command), then run it      (runner, _capture_graphs, max_len)   -> capture graphs
+                                                 (runner, execute, batch)     -> forward, no sampling
+                                                 (kv, ...)  -> this rank's KV sender or receiver
+                                                 None                         -> exit
+
+A command names a target object on the follower ("runner", or one made by `create`, e.g. the
+rank's KV transfer endpoint) and a method; `call` also gathers the followers' return values.
 
 Every rank runs the same forward in the same order, so the all-reduces of the row-parallel layers
 and the LM head's all-gather meet; only rank 0 samples. Commands travel on a gloo group (a pickled
@@ -80,16 +84,38 @@ def follow(rank: int, config: EngineConfig, address: str) -> None:
 
     commands = init_rank(config, rank, address)
     runner = ModelRunner(config)
+    targets: dict = {"runner": runner}
     try:
         while True:
             box = [None]
             dist.broadcast_object_list(box, src=0, group=commands)
             if box[0] is None:
                 return
-            name, *args = box[0]
-            getattr(runner, name)(*args)
+            target, name, args, reply = box[0]
+            try:
+                if name == _CREATE:  # args: (class, its arguments after the runner)
+                    targets[target], result = args[0](runner, *args[1:]), None
+                else:
+                    result = getattr(targets[target], name)(*args)
+            except Exception as e:
+                if not reply:
+                    raise
+                result = RankError(f"tensor-parallel rank {rank}: {type(e).__name__}: {e}")
+            if reply:
+                dist.gather_object(result, None, dst=0, group=commands)
     finally:
+        for target in targets.values():
+            close = getattr(target, "close", None)
+            if close is not None and target is not runner:
+                close()
         dist.destroy_process_group()
+
+
+_CREATE = "__create__"
+
+
+class RankError(RuntimeError):
+    """A follower's command with a reply failed; `gather` raises it on rank 0."""
 
 
 class _ProcessFollower:
@@ -179,12 +205,31 @@ class TensorParallelGroup:
         self.commands = init_rank(config, 0, address)
         self._closed = False
 
-    def broadcast(self, *command) -> None:
-        """Have every follower run `ModelRunner.<command[0]>(*command[1:])`."""
+    def broadcast(self, name: str, *args, target: str = "runner", reply: bool = False) -> None:
+        """Have every follower run `<target>.<name>(*args)` (target "runner": its ModelRunner).
+        With reply, `gather` must follow before the next command."""
         dead = [f.name for f in self.followers if not f.alive()]
         if dead:
             raise RuntimeError(f"{', '.join(dead)} exited: this engine cannot run")
-        dist.broadcast_object_list([command], src=0, group=self.commands)
+        dist.broadcast_object_list([(target, name, args, reply)], src=0, group=self.commands)
+
+    def gather(self) -> list:
+        """The followers' return values of the last command broadcast with reply, rank order."""
+        results = [None] * self.size
+        dist.gather_object(None, results, dst=0, group=self.commands)
+        for result in results[1:]:
+            if isinstance(result, RankError):
+                raise result
+        return results[1:]
+
+    def call(self, name: str, *args, target: str = "runner") -> list:
+        """broadcast and gather: the followers' return values, in rank order (1, 2, ...)."""
+        self.broadcast(name, *args, target=target, reply=True)
+        return self.gather()
+
+    def create(self, target: str, cls: type, *args) -> None:
+        """On every follower, `target = cls(runner, *args)`; returns once they all have it."""
+        self.call(_CREATE, cls, *args, target=target)
 
     def close(self) -> None:
         if self._closed:

@@ -26,7 +26,7 @@ from pdray.router.redis_server import RedisServer, free_port
 REPO = Path(__file__).resolve().parents[2]
 WARMUP_PROMPT = [5, 6, 7, 8]
 METRICS_REPORT_INTERVAL_S = 0.5
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 2048  # long streams: they must outlast the kill test's set-up on a fast machine
 
 
 def run_app(path: Path, tmp_dir: Path, replicas: int = 2):
@@ -46,7 +46,7 @@ def run_app(path: Path, tmp_dir: Path, replicas: int = 2):
                 scheduler_ttl_s=3, lease_s=5, max_attempts=3)  # fmt: skip
     for role in ("prefill", "decode"):
         args[role]["replicas"] = replicas
-        args[role]["engine_args"] = {"num_kv_blocks": 512, "max_model_len": MAX_MODEL_LEN}
+        args[role]["engine_args"] = {"num_kv_blocks": 1024, "max_model_len": MAX_MODEL_LEN}
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     config_path = tmp_dir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))

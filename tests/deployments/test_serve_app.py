@@ -35,7 +35,8 @@ KV_BYTES = "ray_pdray_kv_transfer_bytes_total"
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    yield from run_app(checkpoint("llama3"), tmp_path_factory.mktemp("serve"))
+    path = checkpoint("llama3", max_position_embeddings=MAX_MODEL_LEN)
+    yield from run_app(path, tmp_path_factory.mktemp("serve"))
 
 
 @functools.cache

@@ -85,6 +85,7 @@ def _serve_worker(role: str, path: str, engine_kwargs: dict, worker_kwargs: dict
     while True:
         method, args = conn.recv()
         if method == "close":
+            worker.close()
             return
         try:
             if method == "blocks":
@@ -93,6 +94,9 @@ def _serve_worker(role: str, path: str, engine_kwargs: dict, worker_kwargs: dict
                     engine.block_manager.num_blocks,
                     len(engine.requests),
                 )
+            elif method == "transfer_metrics":
+                kv = getattr(worker, "receiver", None) or worker.sender
+                result = kv.metrics.as_dict()
             else:
                 result = getattr(worker, method)(*args)
             conn.send(("ok", result))
@@ -105,7 +109,8 @@ class WorkerProcess:
 
     `start()` returns at once; `wait_ready()` waits for the engine. `call(method, *args)` runs a
     worker method in the child ("step", "reserve", "submit", ...; "blocks" gives the engine's
-    (free blocks, total blocks, live requests)). `kill()` sends SIGKILL."""
+    (free blocks, total blocks, live requests), "transfer_metrics" its rank 0's KV counters).
+    `kill()` sends SIGKILL."""
 
     def __init__(self, role: str, path, engine_kwargs: dict, worker_kwargs: dict | None = None):
         ctx = mp.get_context("spawn")
@@ -114,7 +119,7 @@ class WorkerProcess:
         self.process = ctx.Process(
             target=_serve_worker,
             args=(role, str(path), engine_kwargs, worker_kwargs or {}, child_conn),
-            daemon=True,
+            daemon=False,  # a daemonic process cannot start tensor-parallel ranks; close() stops it
         )
         self.descriptor = None
 

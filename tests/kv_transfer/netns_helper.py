@@ -51,7 +51,7 @@ def make_ticket(descriptor: KVDescriptor) -> Ticket:
     seq = SeqTicket(seq_id=SEQ_ID, block_table=DST_BLOCKS, num_cached_tokens=0)
     return Ticket(
         request_id=REQUEST_ID, generation=GENERATION, seqs=[seq],
-        deadline_s=time.time() + 60, receiver=descriptor,
+        deadline_s=time.time() + 60, receivers=[descriptor],
     )  # fmt: skip
 
 

@@ -51,7 +51,7 @@ def want(path) -> list[int]:
 class WatchedUcx(UcxTransport):
     """Sets `chunk_delivered` once a LayerChunk has been through the receiver's on_message."""
 
-    def listen(self, engine_id, kv_cache, on_message):
+    def listen(self, engine_id, kv_cache, on_message, layout=None):
         self.chunk_delivered = threading.Event()
 
         def watched(message, payload):
@@ -59,7 +59,7 @@ class WatchedUcx(UcxTransport):
             if isinstance(message, LayerChunk):
                 self.chunk_delivered.set()
 
-        return super().listen(engine_id, kv_cache, watched)
+        return super().listen(engine_id, kv_cache, watched, layout)
 
 
 def _until(done, timeout_s: float, step) -> float:
@@ -184,7 +184,7 @@ def test_decode_killed_mid_transfer(path, want):
         ticket = doomed.call("reserve", "d", PROMPT, GREEDY)
         prefill.submit("d", PROMPT, GREEDY, ticket)
         assert prefill.step() == []  # 8 of 60 prompt tokens
-        prefill.sender.flush("decode-doomed", 10)  # their KV reached the decode engine
+        prefill.transport.flush("decode-doomed", 10)  # their KV reached the decode engine
         assert engine.num_free_blocks < baseline
         num_free, num_blocks, _ = doomed.call("blocks")
         assert num_free == num_blocks - len(ticket.seqs[0].block_table)  # decode holds the lease
