@@ -44,16 +44,14 @@ def _gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def replica_resources(role_args, on_gpu: bool) -> tuple[dict, list[dict] | None]:
-    """Ray resources of one replica: its actor options, and with tensor_parallel_size > 1 its
-    placement group, one bundle per rank (bundle 0 is the replica itself, rank 0; the other
-    ranks' worker actors take one GPU each, or a sliver of CPU on CPU hosts)."""
+def replica_resources(role_args, on_gpu: bool) -> tuple[dict, list[dict]]:
+    """Ray resources of one replica: its actor options and its placement group, one bundle per
+    tensor-parallel rank. Bundle 0 holds the replica itself, which runs rank 0 (the engine and
+    its model shard); the other ranks' worker actors take one GPU each, or a sliver of CPU."""
     tp = role_args.tensor_parallel_size
     default_gpus = (1 if tp > 1 else 0.5) if on_gpu else 0
     num_gpus = role_args.num_gpus if role_args.num_gpus is not None else default_gpus
     options = {"num_cpus": role_args.num_cpus, "num_gpus": num_gpus}
-    if tp == 1:
-        return options, None
     first = {k: v for k, v in (("CPU", role_args.num_cpus), ("GPU", num_gpus)) if v}
     rank = {"GPU": 1} if on_gpu else {"CPU": 0.01}
     return options, [first or {"CPU": 0.01}] + [rank] * (tp - 1)
@@ -74,6 +72,7 @@ def build_app(args: dict) -> serve.Application:
             num_replicas=role_args.replicas,
             ray_actor_options=actor_options,
             placement_group_bundles=bundles,
+            placement_group_strategy="STRICT_PACK",  # a replica's ranks share a node (NCCL, IPC)
             max_ongoing_requests=1024,
             request_router_config=RequestRouterConfig(request_router_class=ReplicaIdRouter),
             health_check_period_s=5,

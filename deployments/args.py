@@ -71,12 +71,6 @@ class AppArgs(BaseModel):
                 "no instance can serve: give prefill.replicas and decode.replicas > 0, "
                 "or mixed.replicas > 0"
             )
-        for role in ("prefill", "decode"):
-            if getattr(self, role).replicas and getattr(self, role).tensor_parallel_size > 1:
-                raise ValueError(
-                    f"{role}.tensor_parallel_size > 1 is not supported yet: KV transfer between "
-                    "tensor-parallel groups is not built; use it with mixed replicas"
-                )
         if self.transport not in ("auto", "ucx", "cuda_ipc"):
             raise ValueError(f"transport must be auto, ucx or cuda_ipc, got {self.transport!r}")
         for role in ("prefill", "decode", "mixed"):

@@ -17,12 +17,18 @@ def test_tensor_parallel_replica_gets_a_bundle_per_rank():
     assert options["num_gpus"] == 0 and len(bundles) == 4 and bundles[0] == {"CPU": 0.5}
 
 
-def test_single_rank_replica_has_no_placement_group():
+def test_single_rank_replica_has_a_group_of_one():
     args = parse_args({})
     options, bundles = replica_resources(args.prefill, on_gpu=True)
-    assert options == {"num_cpus": 0.5, "num_gpus": 0.5} and bundles is None
+    assert options == {"num_cpus": 0.5, "num_gpus": 0.5}
+    assert bundles == [{"CPU": 0.5, "GPU": 0.5}]
 
 
-def test_tensor_parallel_prefill_or_decode_is_refused_at_start():
-    with pytest.raises(ValueError, match="prefill.tensor_parallel_size > 1 is not supported"):
-        parse_args({"prefill": {"replicas": 1, "tensor_parallel_size": 2}})
+def test_prefill_and_decode_take_different_tensor_parallel_sizes():
+    args = parse_args(
+        {"prefill": {"tensor_parallel_size": 2}, "decode": {"tensor_parallel_size": 1}}
+    )
+    assert len(replica_resources(args.prefill, on_gpu=True)[1]) == 2
+    assert len(replica_resources(args.decode, on_gpu=True)[1]) == 1
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        parse_args({"decode": {"tensor_parallel_size": 0}})
