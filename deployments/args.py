@@ -59,7 +59,12 @@ class AppArgs(BaseModel):
     random_window: float = Field(
         0.1, ge=0, description="pick randomly among instances within this load fraction of best"
     )
-    max_attempts: int = Field(2, ge=1, description="prefill/decode pairs tried per request")
+    max_attempts: int = Field(
+        2, ge=1, description="prefill/decode pairs tried per request after instance failures"
+    )
+    queue_timeout_s: float = Field(
+        60.0, ge=0, description="a request waits this long for a decode instance with room"
+    )
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>'")
     app_name: str = Field("pdray", description="namespace of this app's Redis records")
 

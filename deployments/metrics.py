@@ -46,6 +46,7 @@ class RoutingOutcome(str, enum.Enum):
     PICKED = "picked"  # the router chose this instance
     FAILED = "failed"  # a call to it failed before the first token: marked down, next pair
     NO_INSTANCE = "no_instance"  # nothing of this role could take the request (503)
+    FULL = "full"  # a decode instance had no free KV blocks for it: another one, or wait
 
 
 @functools.cache

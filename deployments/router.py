@@ -9,7 +9,12 @@ Failures: a call that fails before the request's first token (the instance died,
 or refused) marks that instance down (its record is deleted; it is not picked again until it
 heartbeats after a TTL), aborts the attempt on the others, and tries another pair, up to
 max_attempts. Once tokens have been streamed, a failure ends the request with an error naming
-the instance (nothing is streamed twice). Metrics (deployments/metrics.py): one RequestTrace
+the instance (nothing is streamed twice).
+
+A full decode instance (no free KV blocks for the prompt, by its record or by its answer to
+`reserve`) is healthy: the request tries another one, and while every live one is full it waits
+for room (pauses from `_ROOM_POLL_S` doubling to `_ROOM_POLL_MAX_S`, the snapshot refreshed after
+each) for up to `queue_timeout_s`, then gets a 503. Metrics (deployments/metrics.py): one RequestTrace
 per request, recorded when it ends, and one counter increment per routing decision.
 """
 
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
@@ -41,6 +48,7 @@ logger = logging.getLogger(__name__)
 DEPLOYMENT_NAMES = {Role.PREFILL: "Prefill", Role.DECODE: "Decode", Role.MIXED: "Mixed"}
 _RESERVE_TIMEOUT_S = 30.0
 _ABORT_TIMEOUT_S = 10.0
+_ROOM_POLL_S, _ROOM_POLL_MAX_S = 0.05, 0.5  # waiting for room: first and longest pause
 
 
 class PDBackend:
@@ -109,20 +117,39 @@ class PDBackend:
         """Pairs tried in turn until one streams; a failure after a token ends the request."""
         await self._ensure_snapshot()
         num_tokens = len(prompt) if isinstance(prompt, list) else 0
-        exclude: set[str] = set()
+        exclude: set[str] = set()  # failed instances
+        full: set[str] = set()  # decode instances without room for this request just now
+        room_deadline = time.monotonic() + self.args.queue_timeout_s
+        failures, wait_s = 0, _ROOM_POLL_S
         last_error = "no instance available"
-        for attempt in range(self.args.max_attempts):
+        for attempt in itertools.count():
             attempt_id = request_id if attempt == 0 else f"{request_id}.{attempt}"
             try:
                 async for output in self._one_attempt(
-                    request_id, attempt_id, prompt, params, num_tokens, exclude, trace
+                    request_id, attempt_id, prompt, params, num_tokens, exclude, full, trace
                 ):
                     yield output
                 return
+            except _InstanceFull as e:
+                record_routing(Role.DECODE.value, e.instance_id, RoutingOutcome.FULL)
+                full.add(e.instance_id)
+            except _NoRoom as e:  # every live decode instance is full: wait for room
+                if time.monotonic() > room_deadline:
+                    record_routing(e.role.value, "", RoutingOutcome.NO_INSTANCE)
+                    last_error = (
+                        f"every live {e.role.value} instance stayed full (no free KV blocks for "
+                        f"the prompt) for queue_timeout_s={self.args.queue_timeout_s:g} s"
+                    )
+                    break
+                full.clear()
+                await asyncio.sleep(wait_s)
+                wait_s = min(2 * wait_s, _ROOM_POLL_MAX_S)
+                await self.snapshot.refresh()
             except NoCapacityError as e:
                 last_error = str(e)
                 break
             except _InstanceFailed as e:
+                failures += 1
                 record_routing(e.role.value, e.instance_id, RoutingOutcome.FAILED)
                 exclude.add(e.instance_id)
                 await self.snapshot.mark_down(e.instance_id)
@@ -138,10 +165,27 @@ class PDBackend:
                         f"resumed: {e}"
                     ) from None
                 last_error = str(e)
+                if failures >= self.args.max_attempts:
+                    break
                 logger.warning("request %s: %s; trying another instance", request_id, e)
             finally:
                 await self._cleanup(request_id)
         raise NoCapacityError(f"no instance could take the request: {last_error}")
+
+    def _pick_decode(self, role: Role, num_tokens: int, exclude: set[str], full: set[str]):
+        """A decode (or mixed) instance with room; _NoRoom when the ones that have not failed
+        are all full."""
+        try:
+            record = self.snapshot.pick_decode(
+                num_tokens=num_tokens, role=role, exclude=exclude | full
+            )
+        except NoCapacityError as e:
+            if any(r.instance_id not in exclude for r in self.snapshot.records(role)):
+                raise _NoRoom(role, str(e)) from None
+            record_routing(role.value, "", RoutingOutcome.NO_INSTANCE)
+            raise
+        record_routing(role.value, record.instance_id, RoutingOutcome.PICKED)
+        return record
 
     async def check_health(self) -> None:
         """/health: ready once a prefill/decode pair or a mixed replica is registered in Redis
@@ -154,19 +198,14 @@ class PDBackend:
             raise RuntimeError("no prefill/decode pair or mixed replica is registered yet")
 
     async def _one_attempt(
-        self, request_id, attempt_id, prompt, params, num_tokens, exclude, trace
+        self, request_id, attempt_id, prompt, params, num_tokens, exclude, full, trace
     ):
         snapshot = self.snapshot
         if not snapshot.records():
             await snapshot.refresh()  # e.g. the first request right after start-up
         pd = snapshot.records(Role.PREFILL) and snapshot.records(Role.DECODE)
         if not pd:
-            mixed = _pick(
-                Role.MIXED,
-                lambda: snapshot.pick_decode(
-                    num_tokens=num_tokens, role=Role.MIXED, exclude=exclude
-                ),
-            )
+            mixed = self._pick_decode(Role.MIXED, num_tokens, exclude, full)
             self._placed[request_id] = (attempt_id, [(Role.MIXED, mixed.instance_id)])
             trace.role, trace.replica = Role.MIXED.value, mixed.instance_id
             handle = self._handle(Role.MIXED).options(stream=True)
@@ -176,9 +215,7 @@ class PDBackend:
             async for output in _guard(gen, mixed):
                 yield output
             return
-        decode = _pick(
-            Role.DECODE, lambda: snapshot.pick_decode(num_tokens=num_tokens, exclude=exclude)
-        )
+        decode = self._pick_decode(Role.DECODE, num_tokens, exclude, full)
         prefill = _pick(Role.PREFILL, lambda: snapshot.pick_prefill(exclude=exclude))
         placed = [(Role.DECODE, decode.instance_id), (Role.PREFILL, prefill.instance_id)]
         self._placed[request_id] = (attempt_id, placed)
@@ -190,7 +227,7 @@ class PDBackend:
             decode,
         )
         if ticket is None:
-            raise _InstanceFailed(decode, "decode instance has no free KV blocks")
+            raise _InstanceFull(decode)
         prefill_call = self._handle(Role.PREFILL).prefill.remote(
             attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
         )
@@ -245,6 +282,22 @@ def _finish_status(output: RequestOutput) -> RequestStatus:
         return RequestStatus(output.outputs[0].finish_reason)
     except ValueError:
         return RequestStatus.STOP
+
+
+class _NoRoom(NoCapacityError):
+    """Every decode (or mixed) instance that has not failed is full right now."""
+
+    def __init__(self, role: Role, message: str):
+        super().__init__(message)
+        self.role = role
+
+
+class _InstanceFull(Exception):
+    """A decode instance answered `reserve` with no room for the prompt's KV."""
+
+    def __init__(self, instance: InstanceRecord):
+        super().__init__(f"decode instance {instance.instance_id} has no free KV blocks")
+        self.instance_id = instance.instance_id
 
 
 class _InstanceFailed(RuntimeError):

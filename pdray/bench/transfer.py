@@ -279,13 +279,13 @@ def _traced_transport():
             super().__init__()
             self.trace: list[tuple] = []
 
-        def listen(self, engine_id, kv_cache, on_message):
+        def listen(self, engine_id, kv_cache, on_message, layout=None):
             def timed(message, payload) -> None:
                 start = time.monotonic()
                 on_message(message, payload)
                 self.trace.append((type(message).__name__, start, time.monotonic()))
 
-            return super().listen(engine_id, kv_cache, timed)
+            return super().listen(engine_id, kv_cache, timed, layout)
 
         def send(self, peer_id, message, payload) -> None:
             self.trace.append((type(message).__name__, time.monotonic()))

@@ -1,0 +1,186 @@
+"""PDBackend's attempts against a real Redis snapshot and scripted instances (no Serve): a full
+decode instance is healthy (not marked down); the request tries the other one, or waits for room
+and then completes; a dead one is marked down and the next pair serves."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from deployments import metrics  # noqa: E402
+from deployments.args import AppArgs  # noqa: E402
+from deployments.router import PDBackend  # noqa: E402
+from pdray.config import Role  # noqa: E402
+from pdray.entrypoints.openai.protocol import NoCapacityError  # noqa: E402
+from pdray.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from pdray.router.policy import InstancePicker, PolicyConfig, RouterSnapshot  # noqa: E402
+from pdray.router.redis_server import RedisServer  # noqa: E402
+from pdray.router.store import InstanceRecord, InstanceStore  # noqa: E402
+from pdray.sampling_params import SamplingParams  # noqa: E402
+
+TTL_S = 5.0
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, replica_id: str, **kwargs):
+        call = self.fn(replica_id, *args, **kwargs)  # sent now, like a Serve handle's call
+        return asyncio.ensure_future(call) if asyncio.iscoroutine(call) else call
+
+
+class FakeInstances:
+    """Stands in for the Prefill and Decode deployment handles: `reserve` answers from `room`
+    (instance -> free reservations; None = the actor died), streams give one finished output."""
+
+    def __init__(self, room: dict[str, int | None]):
+        self.room = room
+        self.reserved: list[str] = []
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, name):
+        return _Method(getattr(self, f"_{name}"))
+
+    async def _reserve(self, replica_id, request_id, prompt, params):
+        if self.room[replica_id] is None:
+            raise RuntimeError("ActorDiedError: the actor died unexpectedly")
+        if self.room[replica_id] == 0:
+            return None
+        self.room[replica_id] -= 1
+        self.reserved.append(replica_id)
+        return {"ticket": request_id}
+
+    async def _prefill(self, replica_id, request_id, prompt, params, ticket):
+        return None
+
+    async def _stream(self, replica_id, request_id):
+        text = CompletionOutput(index=0, text="ok", token_ids=[7], finish_reason="length")
+        yield RequestOutput(request_id, "", [1, 2], [text], finished=True)
+
+    async def _abort(self, replica_id, request_id):
+        return None
+
+
+def record(instance_id: str, role: Role, free: int = 100) -> InstanceRecord:
+    return InstanceRecord(instance_id=instance_id, role=role, free_kv_blocks=free,
+                          total_kv_blocks=128, block_size=16)  # fmt: skip
+
+
+async def _backend(checkpoint, redis_url: str, room: dict, **args) -> PDBackend:
+    app_args = AppArgs(model=str(checkpoint("llama3")), redis_url=redis_url, **args)
+    backend = PDBackend(app_args)
+    store = InstanceStore(redis_url, app_args.app_name, TTL_S)
+    for r in [record("p0", Role.PREFILL)] + [record(d, Role.DECODE) for d in room]:
+        await store.heartbeat(r)
+    backend.snapshot = RouterSnapshot(store, picker=InstancePicker(PolicyConfig(window_fraction=0)))
+    await backend.snapshot.start()
+    backend._started = asyncio.get_running_loop().create_future()
+    backend._started.set_result(None)
+    decode = FakeInstances(room)
+    backend._handles = {Role.DECODE: decode, Role.PREFILL: FakeInstances({"p0": 100})}
+    return backend
+
+
+def _in_order():
+    """A picker that takes the first instance not excluded (in id order), whatever its room."""
+
+    def first(records, exclude, **_):
+        return next(r for r in records if r.instance_id not in exclude)
+
+    return SimpleNamespace(pick_prefill=first, pick_decode=first)
+
+
+async def _generate(backend: PDBackend, request_id: str = "r"):
+    params = SamplingParams(max_tokens=1)
+    return [o async for o in backend.generate(request_id, [1, 2], params)]
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(autouse=True)
+def routing(monkeypatch) -> list[tuple[str, str]]:
+    """(replica, outcome) of each routing decision; other metrics are dropped."""
+    decisions = []
+
+    class Metric:
+        def __init__(self, name):
+            self.name = name
+
+        def inc(self, value=1, tags=None):
+            if self.name == "routing":
+                decisions.append((tags["replica"], tags["outcome"]))
+
+        set = observe = inc
+
+    class Metrics:
+        def __getattr__(self, name):
+            return Metric(name)
+
+    monkeypatch.setattr(metrics, "_metrics", Metrics)
+    return decisions
+
+
+def test_full_decode_is_skipped_not_marked_down(checkpoint, redis_url, routing):
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 0, "d1": 5}, app_name="full")
+        backend.snapshot.picker = _in_order()  # d0 first
+        outputs = await _generate(backend)
+        assert outputs[-1].finished
+        assert backend._handles[Role.DECODE].reserved == ["d1"]
+        assert ("d0", "full") in routing and not any(o == "failed" for _, o in routing)
+        assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d0", "d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_request_waits_for_room_then_completes(checkpoint, redis_url):
+    async def main():
+        room = {"d0": 0}
+        backend = await _backend(checkpoint, redis_url, room, app_name="wait")
+        task = asyncio.ensure_future(_generate(backend))
+        await asyncio.sleep(0.5)
+        assert not task.done()  # every decode instance is full: the request waits
+        room["d0"] = 1
+        outputs = await asyncio.wait_for(task, 5)
+        assert outputs[-1].finished and backend._handles[Role.DECODE].reserved == ["d0"]
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_no_room_until_the_queue_timeout_is_a_503(checkpoint, redis_url):
+    async def main():
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 0}, app_name="timeout", queue_timeout_s=0.3
+        )
+        with pytest.raises(NoCapacityError, match="stayed full"):
+            await asyncio.wait_for(_generate(backend), 5)
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_dead_decode_is_marked_down_and_the_next_pair_serves(checkpoint, redis_url):
+    async def main():
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": None, "d1": 5}, app_name="dead", max_attempts=2
+        )
+        backend.snapshot.picker = _in_order()  # d0 first
+        outputs = await _generate(backend)
+        assert outputs[-1].finished and backend._handles[Role.DECODE].reserved == ["d1"]
+        assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
