@@ -29,9 +29,11 @@ METRICS_REPORT_INTERVAL_S = 0.5
 MAX_MODEL_LEN = 2048  # long streams: they must outlast the kill test's set-up on a fast machine
 
 
-def run_app(path: Path, tmp_dir: Path, replicas: int = 2):
-    """Start Redis, Ray and the app (`replicas` prefill and decode); yield what tests need;
-    stop all three."""
+def run_app(
+    path: Path, tmp_dir: Path, replicas: int = 2, tensor_parallel: tuple[int, int] = (1, 1)
+):
+    """Start Redis, Ray and the app (`replicas` prefill and decode, of tensor-parallel sizes
+    `tensor_parallel`); yield what tests need; stop all three."""
     redis_server = RedisServer()
     redis_url = redis_server.start()
     metrics_port, http_port = free_port(), free_port()
@@ -41,8 +43,9 @@ def run_app(path: Path, tmp_dir: Path, replicas: int = 2):
     # a dead decode one) is recomputed on decode after 5 s rather than 30
     args.update(model=str(path), device="cpu", dtype="float32", redis_url=redis_url,
                 scheduler_ttl_s=3, lease_s=5)  # fmt: skip
-    for role in ("prefill", "decode"):
+    for role, tp in zip(("prefill", "decode"), tensor_parallel, strict=True):
         args[role]["replicas"] = replicas
+        args[role]["tensor_parallel_size"] = tp
         args[role]["engine_args"] = {"num_kv_blocks": 1024, "max_model_len": MAX_MODEL_LEN}
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     config_path = tmp_dir / "serve_config.yaml"
