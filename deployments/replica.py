@@ -116,8 +116,14 @@ class PDReplica:
             )
 
     def check_health(self) -> None:
+        """Serve replaces the replica when this raises: its engine thread stopped, or one of its
+        tensor-parallel ranks (a worker actor) died."""
         if not self.thread.alive:
             raise RuntimeError("the engine thread has stopped")
+        group = self.engine.runner.tp_group
+        dead = group.dead() if group is not None else []
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited: this replica cannot run its model")
 
     def __del__(self) -> None:
         if hasattr(self, "_stop"):  # not when __init__ failed

@@ -67,3 +67,18 @@ def test_followers_are_actors_in_the_replicas_placement_group(checkpoint):
         ray.shutdown()
     assert kinds == ["_ActorFollower"]
     assert outputs == expected
+
+
+def test_dead_follower_is_reported_and_stops_the_engine(checkpoint):
+    """A follower that exits shows in `dead()` (a Serve replica's health check raises on it, so
+    Serve replaces the replica) and the next step fails with its name instead of hanging."""
+    path = checkpoint("llama3")
+    with new_llm(path, tensor_parallel_size=2) as llm:
+        group = llm.engine.runner.tp_group
+        assert group.dead() == []
+        follower = group.followers[0]
+        follower.process.kill()
+        follower.process.join(10)
+        assert group.dead() == ["tensor-parallel rank 1 (process)"]
+        with pytest.raises(RuntimeError, match="rank 1 .* exited"):
+            greedy(llm, make_prompts(seed=1))

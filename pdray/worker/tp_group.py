@@ -208,10 +208,14 @@ class TensorParallelGroup:
     def broadcast(self, name: str, *args, target: str = "runner", reply: bool = False) -> None:
         """Have every follower run `<target>.<name>(*args)` (target "runner": its ModelRunner).
         With reply, `gather` must follow before the next command."""
-        dead = [f.name for f in self.followers if not f.alive()]
+        dead = self.dead()
         if dead:
             raise RuntimeError(f"{', '.join(dead)} exited: this engine cannot run")
         dist.broadcast_object_list([(target, name, args, reply)], src=0, group=self.commands)
+
+    def dead(self) -> list[str]:
+        """Followers that have exited (the engine cannot run a step without them)."""
+        return [f.name for f in self.followers if not f.alive()]
 
     def gather(self) -> list:
         """The followers' return values of the last command broadcast with reply, rank order."""
