@@ -82,3 +82,12 @@ def test_dead_follower_is_reported_and_stops_the_engine(checkpoint):
         assert group.dead() == ["tensor-parallel rank 1 (process)"]
         with pytest.raises(RuntimeError, match="rank 1 .* exited"):
             greedy(llm, make_prompts(seed=1))
+
+
+def test_dummy_weights_do_not_depend_on_the_tensor_parallel_size():
+    """`dummy:` weights are drawn unsharded and sliced like a checkpoint, so a prefill engine
+    and a decode engine of different TP sizes run the same model."""
+    prompts = make_prompts(seed=2, vocab_size=256)
+    expected = greedy(new_llm("dummy:tiny", num_kv_blocks=128), prompts)
+    with new_llm("dummy:tiny", num_kv_blocks=128, tensor_parallel_size=2) as llm:
+        assert greedy(llm, prompts) == expected

@@ -39,6 +39,11 @@ class _Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy_into(param.data, loaded, type(self).__name__)
 
+    def full_shards(self) -> list[tuple[object, tuple[int, ...]]]:
+        """(shard_id, shape) of each checkpoint tensor of the weight, unsharded (dummy weights
+        are drawn in these shapes so they do not depend on the tensor-parallel size)."""
+        return [(None, tuple(self.weight.shape))]
+
 
 class ReplicatedLinear(_Linear):
     pass
@@ -51,6 +56,10 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[0]
         _copy_into(param.data, loaded.narrow(0, tp_rank() * size, size), type(self).__name__)
+
+    def full_shards(self) -> list[tuple[object, tuple[int, ...]]]:
+        out, features = self.weight.shape
+        return [(None, (out * tp_size(), features))]
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -66,6 +75,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         source = loaded.narrow(0, tp_rank() * size, size)
         _copy_into(param.data.narrow(0, offset, size), source, f"merged part {shard_id}")
 
+    def full_shards(self) -> list[tuple[object, tuple[int, ...]]]:
+        features = self.weight.shape[1]
+        return [(i, (size, features)) for i, size in enumerate(self.output_sizes)]
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V projections in one matmul; KV heads are replicated when fewer than ranks."""
@@ -75,6 +88,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     ):
         size = tp_size()
         self.head_dim = head_dim
+        self.total_kv_heads = num_kv_heads
         self.num_heads = divide(num_heads, size, "attention heads")
         if num_kv_heads >= size:
             self.num_kv_heads = divide(num_kv_heads, size, "KV heads")
@@ -98,6 +112,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         source = loaded.narrow(0, index * size, size)
         _copy_into(param.data.narrow(0, offset, size), source, f"{shard_id}_proj")
 
+    def full_shards(self) -> list[tuple[object, tuple[int, ...]]]:
+        features, kv_rows = self.weight.shape[1], self.total_kv_heads * self.head_dim
+        q_rows = self.num_heads * tp_size() * self.head_dim
+        return [("q", (q_rows, features)), ("k", (kv_rows, features)), ("v", (kv_rows, features))]
+
 
 class RowParallelLinear(_Linear):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
@@ -112,3 +131,7 @@ class RowParallelLinear(_Linear):
             size = param.shape[1]
             loaded = loaded.narrow(1, tp_rank() * size, size)
         _copy_into(param.data, loaded, type(self).__name__)
+
+    def full_shards(self) -> list[tuple[object, tuple[int, ...]]]:
+        out, features = self.weight.shape
+        return [(None, (out, features * tp_size()))]

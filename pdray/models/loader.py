@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,15 +149,27 @@ def _check_complete(module, params, packed, loaded, model_dir) -> None:
 
 
 def init_dummy_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Random weights in place, generated on the parameters' own device (fast for 8B shapes)."""
-    generators: dict[torch.device, torch.Generator] = {}
-    for name, param in module.named_parameters():
-        if name.endswith("norm.weight"):
-            param.data.fill_(1.0)
-        elif name.endswith("bias"):
-            param.data.zero_()
-        else:
-            device = param.device
-            if device not in generators:
-                generators[device] = torch.Generator(device=device).manual_seed(seed)
-            param.data.normal_(0.0, std, generator=generators[device])
+    """Random weights in place, the same whatever the tensor-parallel size: each checkpoint
+    tensor a layer would load (`full_shards`) is drawn unsharded from a generator seeded by the
+    seed and its name, on the parameter's device (fast for 8B shapes), and handed to the layer's
+    weight loader, which keeps this rank's slice. Norm weights are 1, biases 0."""
+    for prefix, layer in module.named_modules():
+        for name, param in layer.named_parameters(recurse=False):
+            full_name = f"{prefix}.{name}" if prefix else name
+            if full_name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            elif name == "bias":
+                param.data.zero_()
+            elif hasattr(layer, "full_shards") and name == "weight":
+                for shard_id, shape in layer.full_shards():
+                    full = _normal(shape, param, seed, f"{full_name}:{shard_id}", std)
+                    param.weight_loader(param, full, shard_id)
+            else:
+                param.data.copy_(_normal(param.shape, param, seed, full_name, std))
+
+
+def _normal(shape, like: torch.Tensor, seed: int, name: str, std: float) -> torch.Tensor:
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return out.normal_(0.0, std, generator=generator)
