@@ -1,10 +1,21 @@
 """Tensor parallelism on CPU (gloo): greedy outputs with TP=2 equal TP=1, including a model with
-fewer KV heads than ranks (its KV heads are replicated); no block is leaked."""
+fewer KV heads than ranks (its KV heads are replicated); no block is leaked.
+
+On GPUs: `PDRAY_TP_TEST_DEVICE=cuda python -m pytest tests/test_tensor_parallel.py -k tp2_equals`
+runs the parity cases on CUDA (NCCL with two GPUs, CUDA graphs on; with one GPU both ranks share
+it over gloo, eagerly)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 from test_parity import assert_no_leak, greedy, make_prompts, new_llm
+
+from pdray import LLM
+
+DEVICE = os.environ.get("PDRAY_TP_TEST_DEVICE", "cpu")
 
 CASES = {
     "llama3": {},
@@ -15,12 +26,18 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_tp2_equals_tp1(checkpoint, case):
+def test_tp2_equals_tp1(checkpoint, case, monkeypatch):
     family = case.split("-")[0]
     path = checkpoint(family, **CASES[case])
     prompts = make_prompts(seed=7)
-    expected = greedy(new_llm(path), prompts)
-    with new_llm(path, tensor_parallel_size=2, max_num_batched_tokens=64, block_size=4) as llm:
+    engine = {"device": DEVICE, "dtype": "float32", "block_size": 4}
+    if DEVICE != "cpu":
+        engine.update(block_size=16, num_kv_blocks=256)
+        if torch.cuda.device_count() < 2:  # NCCL refuses two ranks on one GPU
+            monkeypatch.setenv("PDRAY_TP_BACKEND", "gloo")
+            engine["enforce_eager"] = True  # gloo collectives cannot be captured in graphs
+    expected = greedy(LLM(str(path), **engine), prompts)
+    with LLM(str(path), tensor_parallel_size=2, max_num_batched_tokens=64, **engine) as llm:
         assert greedy(llm, prompts) == expected
         assert_no_leak(llm)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import socket
 from datetime import timedelta
 
@@ -64,11 +65,14 @@ def check_shardable(arch, size: int) -> None:
 
 
 def init_rank(config: EngineConfig, rank: int, address: str) -> dist.ProcessGroup:
-    """Join the group at `address` (tcp://host:port) as `rank`; returns the command group."""
+    """Join the group at `address` (tcp://host:port) as `rank`; returns the command group.
+
+    The model's collectives use NCCL on GPU and gloo on CPU; PDRAY_TP_BACKEND=gloo forces gloo
+    on GPU too (slow, no CUDA graphs: for testing several ranks on one GPU, which NCCL refuses)."""
     _device_for(config, rank)
     on_gpu = config.device != "cpu" and torch.cuda.is_available()
     dist.init_process_group(
-        backend="nccl" if on_gpu else "gloo",
+        backend=os.environ.get("PDRAY_TP_BACKEND") or ("nccl" if on_gpu else "gloo"),
         init_method=address,
         world_size=config.tensor_parallel_size,
         rank=rank,

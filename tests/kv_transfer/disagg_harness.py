@@ -18,9 +18,8 @@ _ids = itertools.count()
 
 
 def make_engine(path, role: str, **kwargs) -> LLMEngine:
-    return LLMEngine(
-        EngineConfig(model=str(path), device="cpu", dtype="float32", role=role, **kwargs)
-    )
+    kwargs = {"device": "cpu", "dtype": "float32", **kwargs}
+    return LLMEngine(EngineConfig(model=str(path), role=role, **kwargs))
 
 
 def make_pair(path, transport_factory=LocalTransport, *, prefill_kwargs=None, decode_kwargs=None,
@@ -66,14 +65,17 @@ def assert_baseline(*engines: LLMEngine) -> None:
 # -- one worker in a child process, over UCX on loopback ------------------------------------------
 
 
-def _serve_worker(role: str, path: str, engine_kwargs: dict, worker_kwargs: dict, conn) -> None:
+def _serve_worker(
+    role: str, path: str, engine_kwargs: dict, worker_kwargs: dict, transport: str, conn
+) -> None:
     """Child process: one worker whose methods the parent calls over a pipe. Nothing runs between
     calls (the parent steps it), so the parent controls exactly how far a request gets."""
-    from pdray.kv_transfer.ucx import UcxTransport
+    from pdray.kv_transfer import make_transport
 
     try:
         engine = make_engine(path, role, **engine_kwargs)
-        transport = UcxTransport(host="127.0.0.1")
+        options = {"host": "127.0.0.1"}
+        transport = make_transport(transport, **options)
         if role == "prefill":
             worker = PrefillWorker(engine, transport, **worker_kwargs)
         else:
@@ -105,20 +107,27 @@ def _serve_worker(role: str, path: str, engine_kwargs: dict, worker_kwargs: dict
 
 
 class WorkerProcess:
-    """A PrefillWorker or DecodeWorker (UCX on 127.0.0.1) in a spawned child process.
+    """A PrefillWorker or DecodeWorker (UCX on 127.0.0.1, or `transport`) in a spawned child.
 
     `start()` returns at once; `wait_ready()` waits for the engine. `call(method, *args)` runs a
     worker method in the child ("step", "reserve", "submit", ...; "blocks" gives the engine's
     (free blocks, total blocks, live requests), "transfer_metrics" its rank 0's KV counters).
     `kill()` sends SIGKILL."""
 
-    def __init__(self, role: str, path, engine_kwargs: dict, worker_kwargs: dict | None = None):
+    def __init__(
+        self,
+        role: str,
+        path,
+        engine_kwargs: dict,
+        worker_kwargs: dict | None = None,
+        transport: str = "ucx",
+    ):
         ctx = mp.get_context("spawn")
         self.role = role
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
             target=_serve_worker,
-            args=(role, str(path), engine_kwargs, worker_kwargs or {}, child_conn),
+            args=(role, str(path), engine_kwargs, worker_kwargs or {}, transport, child_conn),
             daemon=False,  # a daemonic process cannot start tensor-parallel ranks; close() stops it
         )
         self.descriptor = None

@@ -3,7 +3,9 @@ sends the KV of its heads to the decode ranks holding them, re-sharded when the 
 different TP sizes. Greedy outputs equal the mixed TP=1 engine's; no block stays taken.
 
 Each side runs in its own child process (`WorkerProcess`) with its other ranks as processes of
-that child, since a process holds one tensor-parallel group.
+that child, since a process holds one tensor-parallel group. With a GPU the same runs go over
+`cuda_ipc` too (eager, float32; with fewer GPUs than ranks the ranks share a GPU and use gloo,
+PDRAY_TP_BACKEND=gloo, since NCCL refuses two ranks on one device).
 """
 
 from __future__ import annotations
@@ -14,17 +16,28 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("ucxx")
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from disagg_harness import WorkerProcess  # noqa: E402
-from test_parity import greedy, make_prompts, new_llm, shared_prefix_prompts  # noqa: E402
+from test_parity import greedy, make_prompts, shared_prefix_prompts  # noqa: E402
 
+from pdray import LLM  # noqa: E402
 from pdray.kv_transfer.base import KVLayout, kv_routes, num_senders  # noqa: E402
 from pdray.sampling_params import SamplingParams  # noqa: E402
 
-ENGINE = {"block_size": 4, "max_num_batched_tokens": 64}  # make_engine: CPU, float32
+TRANSPORTS = {  # transport: engine arguments of both sides and of the mixed reference
+    "ucx": {"device": "cpu", "dtype": "float32", "block_size": 4},
+    "cuda_ipc": {
+        "device": "cuda",
+        "dtype": "float32",
+        "block_size": 16,
+        "enforce_eager": True,
+        "num_kv_blocks": 256,
+    },  # fmt: skip
+}
+CHUNKED = {"max_num_batched_tokens": 64}  # prompts prefill over several steps
 CASES = {  # name: (checkpoint overrides, prefill TP, decode TP)
     "P2-D1": ({}, 2, 1),  # 2 KV heads: decode rank 0 gets one head from each prefill rank
     "P1-D2": ({}, 1, 2),  # prefill rank 0 splits its two heads over the decode ranks
@@ -51,16 +64,27 @@ def _generate(prefill: WorkerProcess, decode: WorkerProcess, prompts, timeout_s:
     return [final[request_id].outputs[0].token_ids for request_id in ids]
 
 
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_disaggregated_tp_equals_mixed_tp1(checkpoint, case):
+def test_disaggregated_tp_equals_mixed_tp1(checkpoint, case, transport, monkeypatch):
+    if transport == "ucx":
+        pytest.importorskip("ucxx")
+    elif not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     overrides, prefill_tp, decode_tp = CASES[case]
+    engine = TRANSPORTS[transport]
+    if transport == "cuda_ipc" and torch.cuda.device_count() < max(prefill_tp, decode_tp):
+        monkeypatch.setenv("PDRAY_TP_BACKEND", "gloo")  # inherited by the spawned ranks
     path = checkpoint("llama3", **overrides)
     rounds = [make_prompts(seed=11), shared_prefix_prompts(seed=5)]  # the 2nd hits decode's cache
-    expected = [greedy(new_llm(path), prompts) for prompts in rounds]
-    prefill = WorkerProcess("prefill", path, {**ENGINE, "tensor_parallel_size": prefill_tp})
+    expected = [greedy(LLM(str(path), **engine), prompts) for prompts in rounds]
+    engine = {**engine, **CHUNKED}
+    prefill = WorkerProcess(
+        "prefill", path, {**engine, "tensor_parallel_size": prefill_tp}, transport=transport
+    )
     decode = WorkerProcess(
-        "decode", path, {**ENGINE, "tensor_parallel_size": decode_tp},
-        {"engine_id": f"decode-{case}", "lease_s": 60.0},
+        "decode", path, {**engine, "tensor_parallel_size": decode_tp},
+        {"engine_id": f"decode-{case}", "lease_s": 60.0}, transport=transport,
     )  # fmt: skip
     try:
         prefill.start(), decode.start()
