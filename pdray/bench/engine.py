@@ -1,18 +1,42 @@
-"""Engine benchmark on one GPU: decode and prefill times as ratios to this GPU's measured limits.
+"""Engine benchmark: decode and prefill times as ratios to the GPU's measured limits.
 
     python -m pdray.bench.engine --model dummy:llama3-8b --out bench_engine.json
 
 In one run it measures the GPU's HBM read bandwidth and bf16 matmul rate, then times the model
-runner: decode steps at several batch sizes over a fixed context (graph replay incl. LM head + sampling,
-the way the runner decodes with CUDA graphs; and the runner's eager `execute` for comparison),
-one-prompt prefills, and transformers' own `generate` at batch 1 on the same weights. Bounds:
-decode = (weight bytes + KV bytes read) / read bandwidth; prefill = FLOPs / matmul rate.
+runner: decode steps at several batch sizes over a fixed context (graph replay incl. LM head +
+sampling, the way the runner decodes with CUDA graphs; the runner's `execute` replaying the same
+graphs; and its eager `execute` for comparison), one-prompt prefills, and transformers' own
+`generate` at batch 1 on the same weights. Bounds: decode = (weight bytes + KV bytes read) /
+read bandwidth; prefill = FLOPs / matmul rate.
+
+Tensor parallel (`--tensor-parallel-size N`, N GPUs of one host): rank 0 is this process and
+ranks 1..N-1 are the runner's follower processes, which run a model forward only when rank 0's
+`runner.execute` (or KV-cache binding, or graph capture) broadcasts it to them. So with N > 1 the
+model runs only through the runner: decode `execute_ms` = `runner.execute` with the runner's own
+CUDA graphs, including the broadcast of each step to the followers; prefill likewise. Skipped:
+direct graph replay (a forward on rank 0 alone: its first all-reduce would hang), eager decode and
+`--profile` (they turn CUDA graphs off on rank 0 only, so the ranks would run different forwards;
+`--profile` is refused, as is `--no-fused-ops`, which would reach rank 0 only) and the
+transformers baseline (it needs the whole model on rank 0). Counts and bounds are then per GPU:
+rank 0's shard of the weights and KV heads over rank 0's GPU's read bandwidth or matmul rate,
+communication not included. Compare runs of different sizes by `execute_ms`:
+
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python -m pdray.bench.engine --model dummy:llama3-8b --batch-sizes 1 64 --no-hf \\
+        --tensor-parallel-size 1 --out tp1.json
+    python -m pdray.bench.engine --model dummy:llama3-8b --batch-sizes 1 64 \\
+        --tensor-parallel-size 2 --out tp2.json
+    python -m pdray.bench.engine --compare tp1.json tp2.json
+
+`--compare BASE OTHER` reads two saved reports and prints, per batch size they share, OTHER's
+decode `execute_ms` / BASE's (e.g. TP2 step time / TP1 step time); it needs no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -130,8 +154,8 @@ def prefill_batch(prompt_len: int, block_size: int) -> StepBatch:
 
 
 def model_counts(runner: ModelRunner) -> dict[str, int]:
-    """Bytes of weights a decode step reads, and matmul FLOPs per token (linear layers)."""
-    arch = runner.arch
+    """Bytes of weights a decode step reads, and matmul FLOPs per token (linear layers), on this
+    rank: with tensor parallel, rank 0's shard of the weights and its KV heads."""
     read_bytes = 0
     linear_params = 0
     for name, p in runner.model.named_parameters():
@@ -144,7 +168,7 @@ def model_counts(runner: ModelRunner) -> dict[str, int]:
     return {
         "weight_read_bytes": read_bytes,
         "linear_params": linear_params,
-        "lm_head_params": arch.vocab_size * arch.hidden_size,
+        "lm_head_params": runner.model.lm_head.weight.numel(),  # this rank's vocab slice
         "kv_bytes_per_token": 2
         * len(runner.attention_layers)
         * layer.num_kv_heads
@@ -162,16 +186,32 @@ def prefill_flops(counts: dict[str, int], prompt_len: int) -> float:
     return linear + attention
 
 
+def decode_bound_ms(counts: dict[str, int], num_seqs: int, context_len: int, read_gbps: float):
+    """(weight bytes + KV bytes a decode step reads) / read bandwidth, in ms (per GPU)."""
+    kv_bytes = num_seqs * context_len * counts["kv_bytes_per_token"]
+    return (counts["weight_read_bytes"] + kv_bytes) / (read_gbps * 1e9) * 1e3
+
+
+def graph_batch_size(graphs: DecodeCudaGraphs | None, batch: StepBatch) -> int | None:
+    """Rows of the graph that replays `batch` (None: no graphs, or a step they cannot run, which
+    `runner.execute` runs eager)."""
+    if graphs is None or not graphs.can_run(batch):
+        return None
+    return next(b for b in graphs.batch_sizes if b >= len(batch.query_lens))
+
+
 def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, iters):
+    """One GPU (tensor_parallel_size 1): replay alone, replay + sampling, `runner.execute` with
+    the same graphs, and `runner.execute` without graphs."""
+    runner.graphs = graphs  # what the runner replays, as the engine's runner does
     rows = []
     bs = runner.config.block_size
     for n in batch_sizes:
         batch = decode_batch(n, context_len, bs)
+        graph_batch = graph_batch_size(graphs, batch)
 
-        def replay_only(batch=batch):
-            graphs.graphs[
-                next(b for b in graphs.batch_sizes if b >= len(batch.query_lens))
-            ].replay()
+        def replay_only(graph_batch=graph_batch):
+            graphs.graphs[graph_batch].replay()
 
         def graph_step(batch=batch):
             return runner.sampler(graphs.run(batch), batch.sampling_rows)
@@ -179,24 +219,60 @@ def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, it
         graphs.run(batch)  # stage this batch's inputs for replay_only
         gpu_ms = device_median_ms(replay_only, iters)
         step_ms = wall_median_ms(graph_step, iters)
-        eager_ms = wall_median_ms(lambda batch=batch: runner.execute(batch), max(3, iters // 4))
-        kv_bytes = n * context_len * counts["kv_bytes_per_token"]
-        bound_ms = (counts["weight_read_bytes"] + kv_bytes) / (read_gbps * 1e9) * 1e3
+        execute_ms = wall_median_ms(lambda batch=batch: runner.execute(batch), iters)
+        runner.graphs = None
+        try:
+            eager_ms = wall_median_ms(lambda batch=batch: runner.execute(batch), max(3, iters // 4))
+        finally:
+            runner.graphs = graphs
+        bound_ms = decode_bound_ms(counts, n, context_len, read_gbps)
         rows.append({
             "batch": n,
             "context_len": context_len,
+            "graph_batch": graph_batch,
             "bound_ms": bound_ms,
             "graph_replay_ms": gpu_ms,
             "step_ms": step_ms,
+            "execute_ms": execute_ms,
             "eager_step_ms": eager_ms,
             "step_over_bound": step_ms / bound_ms,
             "bound_fraction": bound_ms / step_ms,
             "replay_bound_fraction": bound_ms / gpu_ms,
         })  # fmt: skip
         print(f"decode b={n:4d} ctx={context_len}: step {step_ms:7.3f} ms (replay {gpu_ms:7.3f}, "
-              f"eager {eager_ms:7.3f}), bound {bound_ms:7.3f} ms, "
+              f"execute {execute_ms:7.3f}, eager {eager_ms:7.3f}), bound {bound_ms:7.3f} ms, "
               f"bound/step {bound_ms / step_ms:.3f}", flush=True)  # fmt: skip
     return rows
+
+
+def bench_decode_tp(runner, counts, batch_sizes, context_len, read_gbps, iters):
+    """Tensor parallel: decode steps only through `runner.execute` (its CUDA graphs on every rank),
+    which first broadcasts the step to the followers, so every rank joins the all-reduces. The
+    time is rank 0's wall time of the whole step: broadcast, replay, LM head, sampling."""
+    rows = []
+    for n in batch_sizes:
+        batch = decode_batch(n, context_len, runner.config.block_size)
+        execute_ms = wall_median_ms(lambda batch=batch: runner.execute(batch), iters)
+        bound_ms = decode_bound_ms(counts, n, context_len, read_gbps)
+        rows.append({
+            "batch": n,
+            "context_len": context_len,
+            "graph_batch": graph_batch_size(runner.graphs, batch),
+            "bound_ms": bound_ms,
+            "execute_ms": execute_ms,
+            "bound_fraction": bound_ms / execute_ms,
+        })  # fmt: skip
+        print(f"decode b={n:4d} ctx={context_len}: execute {execute_ms:7.3f} ms (incl. broadcast "
+              f"to the followers), bound per GPU {bound_ms:7.3f} ms, "
+              f"bound/execute {bound_ms / execute_ms:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def fill_kv_cache_normal(runner: ModelRunner) -> None:
+    """Random KV values on this rank (a decode step then reads non-trivial data). With tensor
+    parallel, rank 0 also has every follower run it: `tp_group.create(name, fill_kv_cache_normal)`
+    calls it with the follower's runner and keeps the None it returns."""
+    runner.kv_cache.normal_()
 
 
 def profile_decode(runner, counts, batch_sizes, context_len, read_gbps, steps: int = 5) -> dict:
@@ -235,8 +311,9 @@ def profile_decode(runner, counts, batch_sizes, context_len, read_gbps, steps: i
                 for name, us, count in kernels[:15]
             ],
         }
+        fraction = report[n]["gemm_fraction_of_read_bandwidth"]
         print(f"profile b={n}: device {total_us:.0f} us/step, linear kernels {gemm_us:.0f} us "
-              f"({report[n]['gemm_fraction_of_read_bandwidth']:.2f} of read bandwidth)")  # fmt: skip
+              f"({fraction:.2f} of read bandwidth)")  # fmt: skip
         for name, us, count in kernels[:8]:
             print(f"    {us:8.1f} us  x{count:<4d} {name[:90]}")
     return report
@@ -337,7 +414,31 @@ def _prefill_attention_ms(runner, t: int) -> dict[str, float]:
     return timings
 
 
-def main(argv: list[str] | None = None) -> dict:
+_NO_MULTICAST_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+_BOUNDS = {
+    "one_gpu": "decode bound_ms = (weight bytes + KV bytes a step reads) / read bandwidth; "
+    "prefill bound_ms = FLOPs / bf16 matmul rate",
+    "tensor_parallel": "per GPU: counts are rank 0's shard (its weights, KV heads, vocab slice); "
+    "decode bound_ms = its bytes read / rank 0's GPU read bandwidth, prefill bound_ms = its FLOPs "
+    "/ that GPU's matmul rate; all-reduces and the step broadcast are not in the bounds; "
+    "attention: one layer of rank 0's heads",
+}
+_DECODE_TIMING = {
+    "one_gpu": "step_ms: graph replay + sampling; execute_ms: runner.execute replaying the same "
+    "graphs (compare with tensor-parallel runs by this); graph_replay_ms: replay alone (device "
+    "time); eager_step_ms: runner.execute without graphs",
+    "tensor_parallel": "execute_ms: rank 0's wall time of runner.execute with the runner's CUDA "
+    "graphs on every rank, including the broadcast of the step (a pickled StepBatch over gloo) to "
+    "the follower ranks; replay alone, eager steps and the profile are not measured (rank 0 "
+    "would run a forward the followers do not run)",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="dummy:llama3-8b")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
@@ -351,28 +452,159 @@ def main(argv: list[str] | None = None) -> dict:
         help="plain-torch RMSNorm/rotary/SiLU (for comparison)",
     )
     parser.add_argument("--profile", action="store_true", help="per-kernel decode profile")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="GPUs the model is split over (ranks 1..N-1 run in child processes); with N > 1 "
+        "decode and prefill are timed through runner.execute only",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BASE_JSON", "OTHER_JSON"),
+        help="print OTHER's decode execute_ms / BASE's per batch size from two saved reports "
+        "(e.g. tp1.json tp2.json), then exit; needs no GPU",
+    )
     parser.add_argument("--out", default="bench_engine.json")
     args = parser.parse_args(argv)
+    tp = args.tensor_parallel_size
+    if tp < 1:
+        parser.error(f"--tensor-parallel-size must be at least 1, not {tp}")
+    if tp > 1 and args.profile:
+        parser.error(
+            "--profile needs --tensor-parallel-size 1: it profiles eager steps by turning CUDA "
+            "graphs off on rank 0 only, so the follower ranks would run a different forward "
+            "and the collectives could hang"
+        )
+    if tp > 1 and args.no_fused_ops:
+        parser.error(
+            "--no-fused-ops needs --tensor-parallel-size 1: it turns the fused kernels off in "
+            "this process only, not in the follower ranks"
+        )
+    return args
+
+
+def compare_reports(base: dict, other: dict, field: str = "execute_ms") -> list[dict]:
+    """Decode `field` of two reports side by side, per (batch, context_len) both measured:
+    base_ms, other_ms and ratio = other_ms / base_ms (e.g. TP2 step time / TP1 step time)."""
+    for key in ("model", "dtype", "fused_ops"):
+        if base.get(key) != other.get(key):
+            raise ValueError(
+                f"the reports differ in {key}: {base.get(key)!r} vs {other.get(key)!r}"
+            )
+
+    def rows_by_shape(report: dict, name: str) -> dict[tuple[int, int], float]:
+        rows = {}
+        for row in report.get("decode", []):
+            if field not in row:
+                raise ValueError(
+                    f"{name}'s decode rows have no {field!r} (a report from before "
+                    "--tensor-parallel-size? run it again)"
+                )
+            rows[(row["batch"], row["context_len"])] = row[field]
+        return rows
+
+    base_rows, other_rows = rows_by_shape(base, "BASE"), rows_by_shape(other, "OTHER")
+    shared = sorted(base_rows.keys() & other_rows.keys())
+    if not shared:
+        raise ValueError("the reports share no decode batch size at the same context length")
+    return [
+        {
+            "batch": batch,
+            "context_len": context_len,
+            "base_ms": base_rows[batch, context_len],
+            "other_ms": other_rows[batch, context_len],
+            "ratio": other_rows[batch, context_len] / base_rows[batch, context_len],
+        }
+        for batch, context_len in shared
+    ]
+
+
+def run_compare(base_path: str, other_path: str) -> dict:
+    """`--compare`: read two saved reports and print their decode execute_ms ratios."""
+    reports = []
+    for path in (base_path, other_path):
+        with open(path) as f:
+            reports.append(json.load(f))
+    base, other = reports
+    rows = compare_reports(base, other)
+    tp_base = base.get("tensor_parallel_size", 1)
+    tp_other = other.get("tensor_parallel_size", 1)
+    print(f"{base.get('model')}: decode execute_ms of {other_path} (TP{tp_other}) / "
+          f"{base_path} (TP{tp_base})")  # fmt: skip
+    for r in rows:
+        print(f"  batch {r['batch']:4d} ctx {r['context_len']}: TP{tp_other} {r['other_ms']:.3f} "
+              f"ms / TP{tp_base} {r['base_ms']:.3f} ms = {r['ratio']:.3f}")  # fmt: skip
+    if base.get("gpu") != other.get("gpu"):
+        print(f"note: different GPUs ({base.get('gpu')!r} vs {other.get('gpu')!r})")
+    return {
+        "base": base_path,
+        "other": other_path,
+        "base_tensor_parallel_size": tp_base,
+        "other_tensor_parallel_size": tp_other,
+        "field": "execute_ms",
+        "decode": rows,
+    }
+
+
+def _warn_if_multicast_on() -> None:
+    missing = [f"{k}={v}" for k, v in _NO_MULTICAST_ENV.items() if os.environ.get(k) != v]
+    if missing:
+        print(f"warning: our device docs require NVLink multicast off for multi-GPU runs; "
+              f"set {' '.join(missing)}", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.compare:
+        try:
+            return run_compare(*args.compare)
+        except (OSError, KeyError, ValueError) as e:
+            raise SystemExit(f"--compare: {e}") from e
+    tp = args.tensor_parallel_size
     if not torch.cuda.is_available():
         raise SystemExit("pdray.bench.engine needs a CUDA GPU")
+    if torch.cuda.device_count() < tp:
+        raise SystemExit(
+            f"--tensor-parallel-size {tp} needs {tp} GPUs; {torch.cuda.device_count()} visible"
+        )
+    if tp > 1:
+        _warn_if_multicast_on()
 
     from kernels.bandwidth import measure_read_bandwidth_gbps
 
     read_gbps = measure_read_bandwidth_gbps()
     matmul_tflops = measure_matmul_tflops()
     print(f"HBM read bandwidth {read_gbps:.0f} GB/s, bf16 matmul {matmul_tflops:.0f} TFLOP/s")
-    max_batch = max(args.batch_sizes)
-    max_len = max(args.context_len, *args.prefill_lens)
     config = EngineConfig(
         model=args.model,
         device="cuda",
         attention_backend="triton",
-        max_num_seqs=max_batch,
-        max_model_len=max_len,
+        max_num_seqs=max(args.batch_sizes),
+        max_model_len=max(args.context_len, *args.prefill_lens),
         max_num_batched_tokens=max(args.prefill_lens),
+        tensor_parallel_size=tp,
     )
-    runner = ModelRunner(config)
-    if args.no_fused_ops:
+    runner = ModelRunner(config)  # with tp > 1, also starts the follower ranks
+    try:
+        result = run_benchmarks(args, runner, read_gbps, matmul_tflops)
+    finally:
+        runner.close()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return result
+
+
+def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: float) -> dict:
+    """Every measurement of one run. With tensor parallel, the model runs only through the
+    runner's broadcasting methods (execute, allocate_kv_cache): the followers run them too."""
+    config = runner.config
+    tp = config.tensor_parallel_size
+    max_batch, max_len = config.max_num_seqs, config.max_model_len
+    scope = "one_gpu" if tp == 1 else "tensor_parallel"
+    if args.no_fused_ops:  # tp == 1 (parse_args)
         from pdray.layers.fused import set_fused_ops_enabled
 
         set_fused_ops_enabled(False)
@@ -382,30 +614,52 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "dtype": str(runner.dtype),
         "fused_ops": not args.no_fused_ops,
+        "tensor_parallel_size": tp,
         "read_bandwidth_gbps": read_gbps,
         "matmul_tflops": matmul_tflops,
         "counts": counts,
+        "bounds": _BOUNDS[scope],
+        "decode_timing": _DECODE_TIMING[scope],
     }
-    if not args.no_hf:
-        result["hf_generate_batch1_ms_per_token"] = hf_decode_ms_per_token(runner, args.context_len)
-        print(f"transformers generate, batch 1: {result['hf_generate_batch1_ms_per_token']:.3f} "
-              "ms/token", flush=True)  # fmt: skip
-    blocks_per_seq = -(-max_len // config.block_size)
-    runner.allocate_kv_cache(max(max_batch * -(-args.context_len // config.block_size),
-                                 blocks_per_seq))  # fmt: skip
-    runner.kv_cache.normal_()
-    graphs = DecodeCudaGraphs(
-        runner.model, runner.backend, max_num_seqs=max_batch, max_model_len=max_len,
-        block_size=config.block_size, hidden_size=runner.arch.hidden_size, dtype=runner.dtype,
-        device=runner.device, batch_sizes=args.batch_sizes,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    graphs.capture()
-    result["graph_capture_s"] = time.perf_counter() - t0
-    result["decode"] = bench_decode(
-        runner, graphs, counts, args.batch_sizes, args.context_len, read_gbps, args.iters
-    )
-    if args.profile:
+    if tp > 1:
+        print(f"tensor parallel {tp}: decode timed through runner.execute only (incl. the "
+              "broadcast of each step to the followers); graph replay alone and eager decode "
+              "skipped (rank 0 would run a forward the followers do not), and the transformers "
+              "baseline (it needs the whole model); counts and bounds per GPU (rank 0's shard)",
+              flush=True)  # fmt: skip
+    elif not args.no_hf:
+        hf_ms = hf_decode_ms_per_token(runner, args.context_len)
+        result["hf_generate_batch1_ms_per_token"] = hf_ms
+        print(f"transformers generate, batch 1: {hf_ms:.3f} ms/token", flush=True)
+    num_blocks = max(max_batch * -(-args.context_len // config.block_size),
+                     -(-max_len // config.block_size))  # fmt: skip
+    if tp == 1:
+        runner.allocate_kv_cache(num_blocks)
+        fill_kv_cache_normal(runner)
+        graphs = DecodeCudaGraphs(
+            runner.model, runner.backend, max_num_seqs=max_batch, max_model_len=max_len,
+            block_size=config.block_size, hidden_size=runner.arch.hidden_size, dtype=runner.dtype,
+            device=runner.device, batch_sizes=args.batch_sizes,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        graphs.capture()
+        result["graph_capture_s"] = time.perf_counter() - t0
+        result["graph_batch_sizes"] = graphs.batch_sizes
+        result["decode"] = bench_decode(
+            runner, graphs, counts, args.batch_sizes, args.context_len, read_gbps, args.iters
+        )
+    else:
+        # Every rank binds its KV cache, then captures the runner's ladder of decode graphs.
+        t0 = time.perf_counter()
+        runner.allocate_kv_cache(num_blocks, max_model_len=max_len)
+        result["graph_capture_s"] = time.perf_counter() - t0  # incl. binding the KV caches
+        result["graph_batch_sizes"] = runner.graphs.batch_sizes if runner.graphs else []
+        runner.tp_group.create("bench_fill_kv", fill_kv_cache_normal)  # on every follower
+        fill_kv_cache_normal(runner)
+        result["decode"] = bench_decode_tp(
+            runner, counts, args.batch_sizes, args.context_len, read_gbps, args.iters
+        )
+    if args.profile:  # tp == 1 (parse_args)
         result["decode_profile"] = profile_decode(
             runner, counts, [1, 64], args.context_len, read_gbps
         )
@@ -417,9 +671,6 @@ def main(argv: list[str] | None = None) -> dict:
         pdray_ms = next(r["step_ms"] for r in result["decode"] if r["batch"] == 1)
         result["speedup_vs_hf_batch1"] = result["hf_generate_batch1_ms_per_token"] / pdray_ms
         print(f"batch-1 decode: {result['speedup_vs_hf_batch1']:.2f}x transformers generate")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
     return result
 
 

@@ -1,6 +1,13 @@
-"""KV transfer benchmark: `cuda_ipc` between two processes on one GPU.
+"""KV transfer benchmark: `cuda_ipc` between two processes on one GPU, or on two GPUs.
 
     python -m pdray.bench.transfer --output transfer.json
+
+Two GPUs (sender and prefill engine on GPU 0, receiver and decode engine on GPU 1; both processes
+see both GPUs, the receiver copies out of the sender's cache with peer access enabled):
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        python -m pdray.bench.transfer --output transfer_2gpu.json \
+        --sender-device cuda:0 --receiver-device cuda:1
 
 bandwidth  A Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head_dim 128, bf16, 16-token
            blocks) lives in this process (receiver) and in a sender process. Per prompt length
@@ -11,9 +18,13 @@ bandwidth  A Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head_dim 128, bf
            copy rates measured in the same run on the same GPU: a plain large torch copy, a plain
            copy of the same size, the same-size copy out of the IPC mapping, and the transfer's
            own copy (all layers of the run) by torch's strided copy and by kernels.run_copy.
-ttft       dummy:llama3-8b prefill and decode engines in two processes on the GPU: an 8k prompt's
-           time to first token at the decode side with layer-wise streaming, with the whole
-           transfer after the prefill, and the prefill alone (no transfer).
+           With two GPUs the plain copies run on the receiver's GPU and the rest cross GPUs;
+           besides, a plain peer copy (`dst.copy_(src)`, sender GPU -> receiver GPU, peer access
+           enabled both ways), large and of each transfer's size, and the transfer's ratios to it.
+ttft       dummy:llama3-8b prefill and decode engines in two processes (prefill on the sender's
+           GPU, decode on the receiver's): an 8k prompt's time to first token at the decode side
+           with layer-wise streaming, with the whole transfer after the prefill, and the prefill
+           alone (no transfer).
 
 Every byte copied counts once (not read + write), on both sides of every ratio.
 """
@@ -21,6 +32,7 @@ Every byte copied counts once (not read + write), on both sides of every ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
@@ -39,19 +51,47 @@ LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 MODEL = "dummy:llama3-8b"
 
 
-def _cache(num_blocks: int, random_fill: bool) -> torch.Tensor:
+def cuda_device(name: str | torch.device) -> torch.device:
+    """`name` as a CUDA device with its index ("cuda" is cuda:0, the device of a fresh process)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a device: {name!r}") from e
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"cuda_ipc needs CUDA devices, got {name!r}")
+    return torch.device("cuda", device.index or 0)
+
+
+def _cache(num_blocks: int, random_fill: bool, device: torch.device | str) -> torch.Tensor:
     shape = (LAYERS, 2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     make = torch.randn if random_fill else torch.zeros
-    return make(shape, dtype=torch.bfloat16, device="cuda")
+    return make(shape, dtype=torch.bfloat16, device=device)
+
+
+def _enable_peer_access(a: torch.device, b: torch.device) -> bool:
+    """Enables peer access between two GPUs both ways (the transport enables receiver -> sender,
+    torch's cross-device `copy_` sender -> receiver); False if either cannot reach the other
+    (a copy between them is then staged by the driver)."""
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    possible = True
+    for device, peer in ((a.index, b.index), (b.index, a.index)):
+        if not runtime.deviceCanAccessPeer(device, peer):
+            possible = False
+            continue
+        with cupy.cuda.Device(device), contextlib.suppress(runtime.CUDARuntimeError):
+            runtime.deviceEnablePeerAccess(peer)  # raises if already enabled
+    return possible
 
 
 # -- bandwidth ---------------------------------------------------------------------------------
 
 
-def _sender_main(conn, num_blocks: int) -> None:
-    """Sender process: sends each job's blocks (all layers at once, as when the KV is complete,
-    or layer by layer, as a forward streams it, with no compute between layers), hands off and
-    flushes."""
+def _sender_main(conn, num_blocks: int, device: str = "cuda:0") -> None:
+    """Sender process on `device`: sends each job's blocks (all layers at once, as when the KV is
+    complete, or layer by layer, as a forward streams it, with no compute between layers), hands
+    off and flushes."""
     from pdray.engine.scheduler import ScheduledSeq
     from pdray.engine.sequence import Sequence
     from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
@@ -59,7 +99,8 @@ def _sender_main(conn, num_blocks: int) -> None:
     from pdray.sampling_params import SamplingParams
     from pdray.worker.batch import SampledToken
 
-    cache = _cache(num_blocks, random_fill=True)
+    torch.cuda.set_device(device)  # events, synchronize: the current device's
+    cache = _cache(num_blocks, random_fill=True, device=device)
     transport = CudaIpcTransport()
     transport.register(cache)
     sender = KVSender(transport, cache)
@@ -91,10 +132,11 @@ def _sender_main(conn, num_blocks: int) -> None:
     transport.close()
 
 
-def _copy_ceilings(cache, mapped, plain_buffers, n: int, dst_start: int) -> dict:
+def _copy_ceilings(cache, mapped, plain_buffers, n: int, dst_start: int, peer_src=None) -> dict:
     """GB/s of a plain copy and of a copy out of the IPC mapping, both of the transfer's size; and
     of the transfer's own copy (all layers' K and V of one run) by torch's strided `copy_` and by
-    the receiver's kernel (`kernels.run_copy`)."""
+    the receiver's kernel (`kernels.run_copy`). With `peer_src` (a buffer on the sender's GPU),
+    also of a plain peer copy of the transfer's size into the receiver's GPU."""
     from kernels.run_copy import copy_run
 
     num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
@@ -106,12 +148,27 @@ def _copy_ceilings(cache, mapped, plain_buffers, n: int, dst_start: int) -> dict
     def gbps(copy) -> float:
         return num_bytes / device_median_ms(copy, 10, warmup=1) / 1e6
 
-    return {
+    ceilings = {
         "d2d_same_size_gbps": gbps(lambda: dst.copy_(src)),
         "ipc_same_size_gbps": gbps(lambda: local.copy_(remote)),
         "ipc_torch_strided_copy_gbps": gbps(lambda: cache[:, :, blocks].copy_(mapped[:, :, :n])),
         "ipc_run_copy_kernel_gbps": gbps(lambda: copy_run(cache[:, :, blocks], mapped[:, :, :n])),
     }
+    if peer_src is not None:
+        peer = peer_src[:num_bytes]
+        ceilings["peer_same_size_gbps"] = gbps(lambda: dst.copy_(peer))
+    return ceilings
+
+
+def _on_receiver(run: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy on `device` of a run of the mapped sender cache, made as the receiver makes its
+    copies: by `kernels.run_copy` on the current GPU (the receiver's, whose context mapped the
+    sender's cache; torch would run its own kernels on the GPU the mapping's pointer names)."""
+    from kernels.run_copy import copy_run
+
+    out = torch.empty(run.shape, dtype=run.dtype, device=device)
+    copy_run(out, run)
+    return out
 
 
 def _headers_only(transport, cache, count: int = 1000) -> float:
@@ -128,13 +185,22 @@ def _headers_only(transport, cache, count: int = 1000) -> float:
     return (time.perf_counter() - start) / count
 
 
-def bandwidth(lengths: list[int], iters: int) -> dict:
+def bandwidth(
+    lengths: list[int],
+    iters: int,
+    sender_device: str | torch.device = "cuda:0",
+    receiver_device: str | torch.device = "cuda:0",
+) -> dict:
+    """This process receives on `receiver_device`; a spawned process sends from `sender_device`."""
     from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
     from pdray.kv_transfer.receiver import KVReceiver, TicketState
 
+    sender_device, receiver_device = cuda_device(sender_device), cuda_device(receiver_device)
+    two_gpus = sender_device != receiver_device
+    torch.cuda.set_device(receiver_device)  # timing events and synchronize: the receiver's GPU
     pad = 64
     num_blocks = max(max(lengths), 2 * 8192) // BLOCK + pad
-    cache = _cache(num_blocks, random_fill=False)
+    cache = _cache(num_blocks, random_fill=False, device=receiver_device)
     receiver = KVReceiver(cache)
     apply_s = [0.0]
     marks: dict[str, float] = {}  # perf_counter is system-wide: comparable with the sender's
@@ -154,16 +220,29 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
     descriptor = transport.listen("bench-receiver", cache, on_message)
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    sender = ctx.Process(target=_sender_main, args=(child_conn, num_blocks), daemon=True)
+    sender = ctx.Process(target=_sender_main, args=(child_conn, num_blocks, str(sender_device)),
+                         daemon=True)  # fmt: skip
     sender.start()
     if conn.recv() != "ready":
         raise RuntimeError("sender process failed to start")
     largest = max(lengths) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
-    big_src = torch.empty(largest, dtype=torch.uint8, device="cuda").random_()
+    big_src = torch.empty(largest, dtype=torch.uint8, device=receiver_device).random_()
     big_dst = torch.empty_like(big_src)
     d2d_ms = device_median_ms(lambda: big_dst.copy_(big_src), 10, warmup=1)
     d2d_large_gbps = largest / d2d_ms / 1e6
     report = {"d2d_large_bytes": largest, "d2d_large_gbps": d2d_large_gbps, "cases": []}
+    peer_src = None
+    if two_gpus:  # the events are recorded on the receiver's stream, which waits for the copy
+        peer_access = _enable_peer_access(receiver_device, sender_device)
+        peer_src = torch.empty_like(big_src, device=sender_device).random_()
+        peer_ms = device_median_ms(lambda: big_dst.copy_(peer_src), 10, warmup=1)
+        peer_large_gbps = largest / peer_ms / 1e6
+        report |= {
+            "sender_device": str(sender_device),
+            "receiver_device": str(receiver_device),
+            "peer_access": peer_access,
+            "peer_large_gbps": peer_large_gbps,
+        }
     generations = itertools.count(1)
     cases = [(n, False, False) for n in lengths] + [(8192, False, True), (8192, True, False)]
     for num_tokens, fragmented, streamed in cases:
@@ -196,6 +275,8 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
                 in_place.append(marks["in_place"] - started)
                 first_hop.append(marks["first_message"] - started)
         mapped = transport.mapped_caches()[0]
+        # src is blocks 0..n-1
+        sender_kv = _on_receiver(mapped[:, :, :n], cache.device) if two_gpus else mapped[:, :, src]
         num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
         case = {
             "tokens": num_tokens,
@@ -203,7 +284,7 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
             "sent": sent,
             "runs_per_layer": n if fragmented else 1,
             "bytes": num_bytes,
-            "exact": bool(torch.equal(cache[:, :, dst], mapped[:, :, src])),
+            "exact": bool(torch.equal(cache[:, :, dst], sender_kv)),
             "transfer_ms": [t * 1e3 for t in times],
             "transfer_gbps": num_bytes / statistics.median(times) / 1e9,
             "in_place_ms": [t * 1e3 for t in in_place],
@@ -215,12 +296,19 @@ def bandwidth(lengths: list[int], iters: int) -> dict:
             "chunk_messages": messages,
         }
         if not (fragmented or streamed):
-            case |= _copy_ceilings(cache, mapped, (big_src, big_dst), n, pad)
+            case |= _copy_ceilings(cache, mapped, (big_src, big_dst), n, pad, peer_src)
             case["ratio_vs_d2d_same_size"] = case["transfer_gbps"] / case["d2d_same_size_gbps"]
             case["ratio_vs_ipc_same_size"] = case["transfer_gbps"] / case["ipc_same_size_gbps"]
             case["in_place_vs_d2d_same_size"] = case["in_place_gbps"] / case["d2d_same_size_gbps"]
+            if two_gpus:
+                peer_gbps = case["peer_same_size_gbps"]
+                case["ratio_vs_peer_same_size"] = case["transfer_gbps"] / peer_gbps
+                case["in_place_vs_peer_same_size"] = case["in_place_gbps"] / peer_gbps
         case["ratio_vs_d2d_large"] = case["transfer_gbps"] / d2d_large_gbps
         case["in_place_vs_d2d_large"] = case["in_place_gbps"] / d2d_large_gbps
+        if two_gpus:
+            case["ratio_vs_peer_large"] = case["transfer_gbps"] / peer_large_gbps
+            case["in_place_vs_peer_large"] = case["in_place_gbps"] / peer_large_gbps
         report["cases"].append(case)
         print(json.dumps(case), flush=True)
     conn.send("headers")
@@ -301,6 +389,9 @@ def _engine_main(role: str, engine_args: dict, conn) -> None:
     from pdray.disagg.prefill import PrefillWorker
     from pdray.engine.llm_engine import LLMEngine
 
+    # The engine does not select its GPU: CUDA graphs, the sender's events and Triton launches
+    # use the current device, which a spawned process has as cuda:0.
+    torch.cuda.set_device(engine_args["device"])
     engine = LLMEngine(EngineConfig(model=MODEL, role=role, **engine_args))
     transport = _traced_transport()
     if role == "prefill":
@@ -366,19 +457,33 @@ def _timeline(submitted: float, first: float, sends: list, applies: list) -> dic
     }
 
 
-def ttft(num_tokens: int, rounds: int) -> dict:
-    from pdray.sampling_params import SamplingParams
-
+def engine_args_by_role(num_tokens: int, prefill_device, decode_device) -> dict[str, dict]:
+    """The TTFT engines' arguments: the same but for the device (prefill: the sender's GPU)."""
+    prefill_device, decode_device = cuda_device(prefill_device), cuda_device(decode_device)
     engine_args = {
-        "dtype": "bfloat16", "device": "cuda", "block_size": BLOCK,
+        "dtype": "bfloat16", "device": str(prefill_device), "block_size": BLOCK,
         "max_model_len": 2 * num_tokens, "max_num_batched_tokens": num_tokens,
         "num_kv_blocks": 2 * num_tokens // BLOCK + 16, "gpu_memory_utilization": 0.45,
     }  # fmt: skip
+    return {"prefill": engine_args, "decode": {**engine_args, "device": str(decode_device)}}
+
+
+def ttft(
+    num_tokens: int,
+    rounds: int,
+    prefill_device: str | torch.device = "cuda:0",
+    decode_device: str | torch.device = "cuda:0",
+) -> dict:
+    from pdray.sampling_params import SamplingParams
+
+    args_by_role = engine_args_by_role(num_tokens, prefill_device, decode_device)
+    devices = {role: args["device"] for role, args in args_by_role.items()}
     ctx = mp.get_context("spawn")
     conns, procs = {}, []
     for role in ("decode", "prefill"):
         conns[role], child = ctx.Pipe()
-        procs.append(ctx.Process(target=_engine_main, args=(role, engine_args, child), daemon=True))
+        procs.append(ctx.Process(target=_engine_main, args=(role, args_by_role[role], child),
+                                 daemon=True))  # fmt: skip
         procs[-1].start()
     ready = {role: _expect(conn, "ready") for role, conn in conns.items()}
     prefill, decode = conns["prefill"], conns["decode"]
@@ -415,10 +520,18 @@ def ttft(num_tokens: int, rounds: int) -> dict:
     for proc in procs:
         proc.join(timeout=60)
     median = {mode: statistics.median(s) for mode, s in samples.items()}
+    engine_args = args_by_role["prefill"]
+    processes = "two: prefill engine and decode engine on one GPU"
+    if devices["prefill"] != devices["decode"]:
+        engine_args = {k: v for k, v in engine_args.items() if k != "device"}
+        processes = (
+            f"two: prefill engine on {devices['prefill']}, decode engine on {devices['decode']}"
+        )
     return {
         "model": MODEL,
         "prompt_tokens": num_tokens,
-        "processes": "two: prefill engine and decode engine on one GPU",
+        "processes": processes,
+        **({} if devices["prefill"] == devices["decode"] else {"devices": devices}),
         "attention_backend": ready["prefill"][2],
         "engine_args": engine_args,
         "modes": {
@@ -437,7 +550,7 @@ def ttft(num_tokens: int, rounds: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="path of the JSON report")
     parser.add_argument("--lengths", default="1024,8192,32768", help="prompt lengths (tokens)")
@@ -445,9 +558,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ttft-tokens", type=int, default=8192)
     parser.add_argument("--ttft-rounds", type=int, default=3)
     parser.add_argument("--skip-ttft", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--sender-device",
+        type=cuda_device,
+        default="cuda:0",
+        help="GPU of the sender process and of the TTFT prefill engine",
+    )
+    parser.add_argument(
+        "--receiver-device",
+        type=cuda_device,
+        default="cuda:0",
+        help="GPU of this (receiving) process and of the TTFT decode engine",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     import cupy
 
+    sender_device, receiver_device = args.sender_device, args.receiver_device
+    torch.cuda.set_device(receiver_device)
     output = Path(args.output)
     report = {
         "device": torch.cuda.get_device_name(),
@@ -460,22 +591,33 @@ def main(argv: list[str] | None = None) -> None:
             "block_size": BLOCK,
             "dtype": "bfloat16",
         },
-        "bandwidth": bandwidth([int(n) for n in args.lengths.split(",")], args.iters),
     }
+    if sender_device != receiver_device:
+        report["devices"] = {
+            "sender": f"{sender_device} ({torch.cuda.get_device_name(sender_device)})",
+            "receiver": f"{receiver_device} ({torch.cuda.get_device_name(receiver_device)})",
+        }
+    lengths = [int(n) for n in args.lengths.split(",")]
+    report["bandwidth"] = bandwidth(lengths, args.iters, sender_device, receiver_device)
     output.write_text(json.dumps(report, indent=2))
     torch.cuda.empty_cache()
     if not args.skip_ttft:
-        report["ttft"] = ttft(args.ttft_tokens, args.ttft_rounds)
+        report["ttft"] = ttft(args.ttft_tokens, args.ttft_rounds, sender_device, receiver_device)
         output.write_text(json.dumps(report, indent=2))
     bw = report["bandwidth"]
     print(f"plain D2D copy ({bw['d2d_large_bytes'] / 1e9:.1f} GB): {bw['d2d_large_gbps']:.0f} GB/s; "
           f"transport {bw['transport_us_per_header']:.1f} us per header")  # fmt: skip
+    if "peer_large_gbps" in bw:
+        print(f"plain peer copy {bw['sender_device']} -> {bw['receiver_device']}: "
+              f"{bw['peer_large_gbps']:.0f} GB/s (peer access: {bw['peer_access']})")  # fmt: skip
     for c in bw["cases"]:
         same_size = (
             f" x{c['ratio_vs_d2d_same_size']:.3f} of same-size D2D"
             if "ratio_vs_d2d_same_size" in c
             else ""
         )
+        if "in_place_vs_peer_same_size" in c:
+            same_size += f"; in place x{c['in_place_vs_peer_same_size']:.3f} of same-size peer"
         print(f"{c['tokens']:>6} tokens {c['layout'][:10]:<10} {c['sent']:<18} "
               f"in place {c['in_place_gbps']:7.1f} GB/s (1st msg +{c['first_message_after_ms']:.2f} ms) "
               f"acked {c['transfer_gbps']:7.1f} GB/s  x{c['ratio_vs_d2d_large']:.3f} of D2D{same_size}  "

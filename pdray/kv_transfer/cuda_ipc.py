@@ -160,7 +160,8 @@ def _map_peer_cache(hello: dict, device: torch.device) -> tuple[torch.Tensor, Ca
     with cupy.cuda.Device(device.index):
         _enable_peer_access(cupy, device.index, hello["pci_bus_id"])
         ptr = cupy.cuda.runtime.ipcOpenMemHandle(base64.b64decode(hello["handle"]))
-        memory = cupy.cuda.UnownedMemory(ptr, hello["alloc_bytes"], None)
+        # on this GPU: copies run here and read the sender's GPU through peer access
+        memory = cupy.cuda.UnownedMemory(ptr, hello["alloc_bytes"], None, device.index)
         flat = cupy.ndarray(
             (num_bytes,), cupy.uint8, cupy.cuda.MemoryPointer(memory, hello["offset"])
         )

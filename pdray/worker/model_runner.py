@@ -64,7 +64,14 @@ class ModelRunner:
         self.rank = tp_rank()
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and config.tensor_parallel_size > 1:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set for its rank
+        elif self.device.type == "cuda":
+            # "cuda:N": kernels, CUDA graphs and streams of this engine all go to GPU N
+            index = self.device.index
+            self.device = torch.device(
+                "cuda", torch.cuda.current_device() if index is None else index
+            )
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.arch.torch_dtype, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(
