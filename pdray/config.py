@@ -18,6 +18,7 @@ class Role(str, enum.Enum):
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
+_TP_BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
+    # Collectives of a tensor-parallel group: "auto" = NCCL on GPU, gloo on CPU. "gloo" on GPU
+    # lets ranks share one GPU (NCCL refuses that), without CUDA graphs: for tests, not speed.
+    tensor_parallel_backend: str = "auto"
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class EngineConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
+        if self.tensor_parallel_backend not in _TP_BACKENDS:
+            raise bad("tensor_parallel_backend", f"must be one of {_TP_BACKENDS}")
         if self.block_size & (self.block_size - 1):
             raise bad("block_size", "must be a power of two")
         if self.max_model_len is not None and (

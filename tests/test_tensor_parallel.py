@@ -3,7 +3,7 @@ fewer KV heads than ranks (its KV heads are replicated); no block is leaked.
 
 On GPUs: `PDRAY_TP_TEST_DEVICE=cuda python -m pytest tests/test_tensor_parallel.py -k tp2_equals`
 runs the parity cases on CUDA (NCCL with two GPUs, CUDA graphs on; with one GPU both ranks share
-it over gloo, eagerly)."""
+it over gloo: tensor_parallel_backend="gloo", no CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_tp2_equals_tp1(checkpoint, case, monkeypatch):
+def test_tp2_equals_tp1(checkpoint, case):
     family = case.split("-")[0]
     path = checkpoint(family, **CASES[case])
     prompts = make_prompts(seed=7)
@@ -34,8 +34,7 @@ def test_tp2_equals_tp1(checkpoint, case, monkeypatch):
     if DEVICE != "cpu":
         engine.update(block_size=16, num_kv_blocks=256)
         if torch.cuda.device_count() < 2:  # NCCL refuses two ranks on one GPU
-            monkeypatch.setenv("PDRAY_TP_BACKEND", "gloo")
-            engine["enforce_eager"] = True  # gloo collectives cannot be captured in graphs
+            engine["tensor_parallel_backend"] = "gloo"
     expected = greedy(LLM(str(path), **engine), prompts)
     with LLM(str(path), tensor_parallel_size=2, max_num_batched_tokens=64, **engine) as llm:
         assert greedy(llm, prompts) == expected

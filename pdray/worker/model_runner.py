@@ -209,9 +209,13 @@ class ModelRunner:
     def _capture_graphs(self, max_model_len: int) -> None:
         if self.tp_group is not None:
             self.tp_group.broadcast("_capture_graphs", max_model_len)
+        gloo_on_gpu = self.config.tensor_parallel_size > 1 and (
+            self.config.tensor_parallel_backend == "gloo"  # its collectives cannot be captured
+        )
         use = (
             self.device.type == "cuda"
             and not self.config.enforce_eager
+            and not gloo_on_gpu
             and getattr(self.backend, "supports_cuda_graphs", False)
         )
         if not use:

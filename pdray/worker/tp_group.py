@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import socket
 from datetime import timedelta
 
@@ -64,22 +63,31 @@ def check_shardable(arch, size: int) -> None:
             raise ValueError(f"{what} is not divisible by tensor_parallel_size ({size})")
 
 
+def collective_backend(config: EngineConfig) -> str:
+    """NCCL on GPU, gloo on CPU, unless `tensor_parallel_backend` names one (gloo on GPU lets the
+    ranks share one GPU, which NCCL refuses)."""
+    if config.tensor_parallel_backend != "auto":
+        return config.tensor_parallel_backend
+    return "nccl" if config.device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
 def init_rank(config: EngineConfig, rank: int, address: str) -> dist.ProcessGroup:
     """Join the group at `address` (tcp://host:port) as `rank`; returns the command group.
 
-    The model's collectives use NCCL on GPU and gloo on CPU; PDRAY_TP_BACKEND=gloo forces gloo
-    on GPU too (slow, no CUDA graphs: for testing several ranks on one GPU, which NCCL refuses)."""
+    The model's collectives use `collective_backend(config)`; commands always travel on gloo."""
     _device_for(config, rank)
-    on_gpu = config.device != "cpu" and torch.cuda.is_available()
+    backend = collective_backend(config)
     dist.init_process_group(
-        backend=os.environ.get("PDRAY_TP_BACKEND") or ("nccl" if on_gpu else "gloo"),
+        backend=backend,
         init_method=address,
         world_size=config.tensor_parallel_size,
         rank=rank,
         timeout=_TIMEOUT,
     )
     set_tensor_parallel(rank, config.tensor_parallel_size, dist.group.WORLD)
-    return dist.new_group(backend="gloo", timeout=_TIMEOUT) if on_gpu else dist.group.WORLD
+    return (
+        dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=_TIMEOUT)
+    )
 
 
 def follow(rank: int, config: EngineConfig, address: str) -> None:

@@ -5,7 +5,7 @@ different TP sizes. Greedy outputs equal the mixed TP=1 engine's; no block stays
 Each side runs in its own child process (`WorkerProcess`) with its other ranks as processes of
 that child, since a process holds one tensor-parallel group. With a GPU the same runs go over
 `cuda_ipc` too (eager, float32; with fewer GPUs than ranks the ranks share a GPU and use gloo,
-PDRAY_TP_BACKEND=gloo, since NCCL refuses two ranks on one device).
+`tensor_parallel_backend="gloo"`, since NCCL refuses two ranks on one device).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _generate(prefill: WorkerProcess, decode: WorkerProcess, prompts, timeout_s:
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_disaggregated_tp_equals_mixed_tp1(checkpoint, case, transport, monkeypatch):
+def test_disaggregated_tp_equals_mixed_tp1(checkpoint, case, transport):
     if transport == "ucx":
         pytest.importorskip("ucxx")
     elif not torch.cuda.is_available():
@@ -74,7 +74,7 @@ def test_disaggregated_tp_equals_mixed_tp1(checkpoint, case, transport, monkeypa
     overrides, prefill_tp, decode_tp = CASES[case]
     engine = TRANSPORTS[transport]
     if transport == "cuda_ipc" and torch.cuda.device_count() < max(prefill_tp, decode_tp):
-        monkeypatch.setenv("PDRAY_TP_BACKEND", "gloo")  # inherited by the spawned ranks
+        engine = {**engine, "tensor_parallel_backend": "gloo"}  # NCCL: one rank per GPU
     path = checkpoint("llama3", **overrides)
     rounds = [make_prompts(seed=11), shared_prefix_prompts(seed=5)]  # the 2nd hits decode's cache
     expected = [greedy(LLM(str(path), **engine), prompts) for prompts in rounds]
