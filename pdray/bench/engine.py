@@ -42,6 +42,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pdray.bench.engine_compare import run_compare
+from pdray.bench.hf_baseline import hf_decode_ms_per_token
 from pdray.bench.timing import device_median_ms, wall_median_ms
 from pdray.config import EngineConfig
 from pdray.worker.batch import SamplingRow, StepBatch
@@ -57,69 +59,6 @@ def measure_matmul_tflops(size: int = 8192) -> float:
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
     return 2 * size**3 / (ms * 1e-3) / 1e12
-
-
-def hf_decode_ms_per_token(runner: ModelRunner, context_len: int, new_tokens: int = 32) -> float:
-    """transformers' `generate` (greedy, batch 1) on the runner's weights: ms per decoded token,
-    (time for 1 + new_tokens tokens - time for 1) / new_tokens after a prompt of context_len."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    arch = runner.arch
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(runner.dtype)
-    try:
-        with torch.device(runner.device):
-            hf = LlamaForCausalLM(
-                LlamaConfig(
-                    vocab_size=arch.vocab_size,
-                    hidden_size=arch.hidden_size,
-                    intermediate_size=arch.intermediate_size,
-                    num_hidden_layers=arch.num_layers,
-                    num_attention_heads=arch.num_heads,
-                    num_key_value_heads=arch.num_kv_heads,
-                    max_position_embeddings=arch.max_position_embeddings,
-                    rms_norm_eps=arch.rms_norm_eps,
-                    tie_word_embeddings=arch.tie_word_embeddings,
-                )
-            ).eval()
-    finally:
-        torch.set_default_dtype(default_dtype)
-    _copy_weights_to_hf(runner.model, hf)
-    ids = torch.randint(3, arch.vocab_size, (1, context_len), device=runner.device)
-
-    def generate(n: int, hf=hf) -> None:
-        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
-
-    with torch.inference_mode():
-        one = wall_median_ms(lambda: generate(1), 3, warmup=1)
-        many = wall_median_ms(lambda: generate(1 + new_tokens), 3, warmup=1)
-    del hf
-    torch.cuda.empty_cache()
-    return (many - one) / new_tokens
-
-
-@torch.no_grad()
-def _copy_weights_to_hf(model, hf) -> None:
-    ours = model.model
-    hf.model.embed_tokens.weight.copy_(ours.embed_tokens.weight)
-    hf.model.norm.weight.copy_(ours.norm.weight)
-    hf.lm_head.weight.copy_(model.lm_head.weight)
-    for mine, theirs in zip(ours.layers, hf.model.layers, strict=True):
-        attn, mlp = mine.self_attn, mine.mlp
-        q, k, v = attn.qkv_proj.weight.split(
-            [attn.qkv_proj.q_size, attn.qkv_proj.kv_size, attn.qkv_proj.kv_size]
-        )
-        theirs.self_attn.q_proj.weight.copy_(q)
-        theirs.self_attn.k_proj.weight.copy_(k)
-        theirs.self_attn.v_proj.weight.copy_(v)
-        theirs.self_attn.o_proj.weight.copy_(attn.o_proj.weight)
-        gate, up = mlp.gate_up_proj.weight.chunk(2)
-        theirs.mlp.gate_proj.weight.copy_(gate)
-        theirs.mlp.up_proj.weight.copy_(up)
-        theirs.mlp.down_proj.weight.copy_(mlp.down_proj.weight)
-        theirs.input_layernorm.weight.copy_(mine.input_layernorm.weight)
-        theirs.post_attention_layernorm.weight.copy_(mine.post_attention_layernorm.weight)
 
 
 def decode_batch(num_seqs: int, context_len: int, block_size: int) -> StepBatch:
@@ -483,69 +422,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "this process only, not in the follower ranks"
         )
     return args
-
-
-def compare_reports(base: dict, other: dict, field: str = "execute_ms") -> list[dict]:
-    """Decode `field` of two reports side by side, per (batch, context_len) both measured:
-    base_ms, other_ms and ratio = other_ms / base_ms (e.g. TP2 step time / TP1 step time)."""
-    for key in ("model", "dtype", "fused_ops"):
-        if base.get(key) != other.get(key):
-            raise ValueError(
-                f"the reports differ in {key}: {base.get(key)!r} vs {other.get(key)!r}"
-            )
-
-    def rows_by_shape(report: dict, name: str) -> dict[tuple[int, int], float]:
-        rows = {}
-        for row in report.get("decode", []):
-            if field not in row:
-                raise ValueError(
-                    f"{name}'s decode rows have no {field!r} (a report from before "
-                    "--tensor-parallel-size? run it again)"
-                )
-            rows[(row["batch"], row["context_len"])] = row[field]
-        return rows
-
-    base_rows, other_rows = rows_by_shape(base, "BASE"), rows_by_shape(other, "OTHER")
-    shared = sorted(base_rows.keys() & other_rows.keys())
-    if not shared:
-        raise ValueError("the reports share no decode batch size at the same context length")
-    return [
-        {
-            "batch": batch,
-            "context_len": context_len,
-            "base_ms": base_rows[batch, context_len],
-            "other_ms": other_rows[batch, context_len],
-            "ratio": other_rows[batch, context_len] / base_rows[batch, context_len],
-        }
-        for batch, context_len in shared
-    ]
-
-
-def run_compare(base_path: str, other_path: str) -> dict:
-    """`--compare`: read two saved reports and print their decode execute_ms ratios."""
-    reports = []
-    for path in (base_path, other_path):
-        with open(path) as f:
-            reports.append(json.load(f))
-    base, other = reports
-    rows = compare_reports(base, other)
-    tp_base = base.get("tensor_parallel_size", 1)
-    tp_other = other.get("tensor_parallel_size", 1)
-    print(f"{base.get('model')}: decode execute_ms of {other_path} (TP{tp_other}) / "
-          f"{base_path} (TP{tp_base})")  # fmt: skip
-    for r in rows:
-        print(f"  batch {r['batch']:4d} ctx {r['context_len']}: TP{tp_other} {r['other_ms']:.3f} "
-              f"ms / TP{tp_base} {r['base_ms']:.3f} ms = {r['ratio']:.3f}")  # fmt: skip
-    if base.get("gpu") != other.get("gpu"):
-        print(f"note: different GPUs ({base.get('gpu')!r} vs {other.get('gpu')!r})")
-    return {
-        "base": base_path,
-        "other": other_path,
-        "base_tensor_parallel_size": tp_base,
-        "other_tensor_parallel_size": tp_other,
-        "field": "execute_ms",
-        "decode": rows,
-    }
 
 
 def _warn_if_multicast_on() -> None:

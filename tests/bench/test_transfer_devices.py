@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdray.bench.transfer import cuda_device, engine_args_by_role, parse_args
+from pdray.bench.transfer import parse_args
+from pdray.bench.transfer_ttft import cuda_device, engine_args_by_role
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "offline_disaggregated.py"
 
