@@ -26,6 +26,7 @@ import torch
 from pdray.engine.scheduler import ScheduledSeq
 from pdray.kv_transfer.base import (
     Handoff,
+    KVDescriptor,
     KVLayout,
     KVTransport,
     LayerChunk,
@@ -50,7 +51,7 @@ _RETRY_CONNECT_S = 5.0
 class _SeqSend:
     ticket: Ticket
     seq_ticket: SeqTicket
-    routes: list[tuple[str, tuple[int, int]]]  # (decode rank's engine id, KV heads sent there)
+    routes: list[tuple[KVDescriptor, tuple[int, int]]]  # (a decode rank, KV heads it gets)
     sent_upto: int  # blocks [0, sent_upto) are on the decode side
     num_chunks: int = 0
     error: str | None = None
@@ -99,14 +100,12 @@ class KVSender:
     def add_ticket(self, ticket: Ticket) -> None:
         """Connect to the decode ranks this rank sends to. On TransferError the ticket's
         sequences are still tracked (other ranks may send them) and fail at hand-off."""
-        routes = [
-            (ticket.receivers[rank].engine_id, heads)
-            for rank, heads in kv_routes(self.layout, len(ticket.receivers))
-        ]
+        routes = [(ticket.receivers[rank], heads)
+                  for rank, heads in kv_routes(self.layout, len(ticket.receivers))]  # fmt: skip
         error = None
         try:
-            for rank, _ in kv_routes(self.layout, len(ticket.receivers)):
-                self._connect(ticket.receivers[rank])
+            for peer, _ in routes:
+                self._connect(peer)
         except TransferError as e:
             error = str(e)
         for seq in ticket.seqs:
@@ -187,17 +186,16 @@ class KVSender:
             if state.error is not None:
                 raise TransferError(f"sending KV of {seq_id} failed: {state.error}")
             ticket = state.ticket
-            for peer_id, _ in state.routes:
-                receiver = next(r for r in ticket.receivers if r.engine_id == peer_id)
+            for peer, _ in state.routes:
                 message = Handoff(
                     request_id=ticket.request_id, generation=ticket.generation, seq_id=seq_id,
                     num_chunks=state.num_chunks, sender_rank=self.layout.tp_rank,
-                    num_senders=num_senders(self.layout.tp_size, receiver.layout),
+                    num_senders=num_senders(self.layout.tp_size, peer.layout),
                     first_token_id=token.token_id, logprob=token.logprob, rank=token.rank,
                     top_logprobs=token.top_logprobs, sampler_state=sampler_state,
                 )  # fmt: skip
-                self.transport.send(peer_id, message, [])
-                peers[peer_id] = None
+                self.transport.send(peer.engine_id, message, [])
+                peers[peer.engine_id] = None
         for peer_id in peers:
             self.transport.flush(peer_id, timeout_s)
 
@@ -226,7 +224,7 @@ class KVSender:
         for p in plan:
             ticket = p.state.ticket
             p.state.num_chunks += num_layers
-            for peer_id, heads in p.state.routes:
+            for peer, heads in p.state.routes:
                 chunk = LayerChunk(
                     request_id=ticket.request_id, generation=ticket.generation,
                     seq_id=p.state.seq_ticket.seq_id, layer=layer, num_layers=num_layers,
@@ -236,9 +234,9 @@ class KVSender:
                 self.metrics.chunks_sent += 1
                 self.metrics.bytes_sent += sum(t.nbytes for t in payload)
                 try:
-                    self.transport.send(peer_id, chunk, payload)
+                    self.transport.send(peer.engine_id, chunk, payload)
                 except Exception as e:  # never break the forward: the hand-off reports it
-                    self._failed(p.state, peer_id, e)
+                    self._failed(p.state, peer.engine_id, e)
 
     def _failed(self, state: _SeqSend, peer_id: str, error: Exception) -> None:
         self.metrics.failures += 1
