@@ -153,8 +153,7 @@ class DecodeWorker:
             if state is TicketState.COMPLETE:
                 outputs.append(self._admit(ticket, handoffs))
             else:
-                if self.ranks is not None:  # the other ranks may still hold it live
-                    self._revoke(ticket, error or state.value)
+                self._revoke(ticket, error or state.value)  # other ranks may still hold it live
                 outputs += self._fail_over(pending, error or state.value)
         return outputs
 

@@ -27,9 +27,10 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TransportKind(str, enum.Enum):
@@ -71,6 +72,13 @@ class KVLayout(BaseModel):
     tp_rank: int = 0
     tp_size: int = 1
 
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_model_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("total_kv_heads"):
+            data = {**data, "total_kv_heads": data.get("num_kv_heads")}
+        return data
+
     @classmethod
     def of(
         cls, kv_cache: torch.Tensor, tp_rank: int = 0, tp_size: int = 1, total_kv_heads: int = 0
@@ -79,28 +87,25 @@ class KVLayout(BaseModel):
         dtype = str(kv_cache.dtype).removeprefix("torch.")
         return cls(
             num_layers=layers, num_blocks=blocks, block_size=block_size, num_kv_heads=heads,
-            head_dim=head_dim, dtype=dtype, total_kv_heads=total_kv_heads or heads,
-            tp_rank=tp_rank, tp_size=tp_size,
+            head_dim=head_dim, dtype=dtype, total_kv_heads=total_kv_heads, tp_rank=tp_rank,
+            tp_size=tp_size,
         )  # fmt: skip
 
     @property
     def kv_heads(self) -> tuple[int, int]:
-        return head_range(self.tp_rank, self.tp_size, self.total_kv_heads or self.num_kv_heads)
+        return head_range(self.tp_rank, self.tp_size, self.total_kv_heads)
 
     def compatible_with(self, other: KVLayout) -> bool:
         """Same model KV (layers, blocks, heads, dtype), whatever the tensor-parallel split."""
-        keys = {"num_layers", "block_size", "head_dim", "dtype"}
-        return self.model_dump(include=keys) == other.model_dump(include=keys) and (
-            self.total_kv_heads or self.num_kv_heads
-        ) == (other.total_kv_heads or other.num_kv_heads)
+        keys = {"num_layers", "block_size", "head_dim", "dtype", "total_kv_heads"}
+        return self.model_dump(include=keys) == other.model_dump(include=keys)
 
 
-def kv_routes(src: KVLayout, dst_size: int) -> list[tuple[int, tuple[int, int]]]:
-    """(decode rank, KV heads) that prefill rank `src` sends: each head of the model goes to every
-    decode rank holding it, from the lowest prefill rank holding it."""
-    total = src.total_kv_heads or src.num_kv_heads
-    start, stop = src.kv_heads
-    if src.tp_rank != 0 and head_range(src.tp_rank - 1, src.tp_size, total)[0] == start:
+def _routes(
+    total: int, src_rank: int, src_size: int, dst_size: int
+) -> list[tuple[int, tuple[int, int]]]:
+    start, stop = head_range(src_rank, src_size, total)
+    if src_rank != 0 and head_range(src_rank - 1, src_size, total)[0] == start:
         return []  # a replica of the previous rank's head: that rank sends it
     routes = []
     for rank in range(dst_size):
@@ -110,16 +115,21 @@ def kv_routes(src: KVLayout, dst_size: int) -> list[tuple[int, tuple[int, int]]]
     return routes
 
 
+def kv_routes(src: KVLayout, dst_size: int) -> list[tuple[int, tuple[int, int]]]:
+    """(decode rank, KV heads) that prefill rank `src` sends: each head of the model goes to every
+    decode rank holding it, from the lowest prefill rank holding it."""
+    return _routes(src.total_kv_heads, src.tp_rank, src.tp_size, dst_size)
+
+
 def num_senders(src_size: int, dst: KVLayout) -> int:
     """How many of `src_size` prefill ranks send KV to decode rank `dst`."""
-    total = dst.total_kv_heads or dst.num_kv_heads
-    count = 0
-    for rank in range(src_size):
-        start, stop = head_range(rank, src_size, total)
-        src = dst.model_copy(update={"tp_rank": rank, "tp_size": src_size,
-                                     "num_kv_heads": stop - start, "total_kv_heads": total})  # fmt: skip
-        count += any(r == dst.tp_rank for r, _ in kv_routes(src, dst.tp_size))
-    return count
+    return sum(
+        any(
+            rank == dst.tp_rank
+            for rank, _ in _routes(dst.total_kv_heads, src, src_size, dst.tp_size)
+        )
+        for src in range(src_size)
+    )
 
 
 class KVDescriptor(BaseModel):
