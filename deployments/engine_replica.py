@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pdray.config import EngineConfig, Role
+from pdray.engine.futures import settle
 from pdray.engine.llm_engine import LLMEngine
 from pdray.outputs import RequestOutput
 from pdray.sampling_params import SamplingParams
@@ -102,11 +103,10 @@ class EngineThread:
                 block = False
                 try:
                     result = fn()
-                    if future is not None:
-                        future.set_result(result)
                 except Exception as e:
-                    if future is not None:
-                        future.set_exception(e)
+                    settle(future, error=e)
+                else:
+                    settle(future, result)
             if self._busy():
                 self._step()
 
@@ -130,8 +130,7 @@ class EngineThread:
                 self._deliver(result)
             else:  # PrefillResult
                 waiter = self._waiters.pop(result.request_id, None)
-                if waiter is not None:
-                    waiter.set_result(result.error)
+                settle(waiter, result.error)
         for event in getattr(self.worker, "events", [])[:]:
             self.worker.events.remove(event)
             stream = self._streams.pop(event.request_id, None)

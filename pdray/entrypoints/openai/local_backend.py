@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pdray.config import Role
+from pdray.engine.futures import settle
 from pdray.outputs import RequestOutput
 from pdray.sampling_params import SamplingParams
 
@@ -194,8 +195,7 @@ class LocalEngineBackend:
                 output.finished = True
                 sink.put(_detached(output))
         finally:
-            if command.done is not None:
-                command.done.set_result(None)
+            settle(command.done)
 
     def _step(self) -> None:
         try:
@@ -227,8 +227,8 @@ class LocalEngineBackend:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Abort) and command.done is not None:
-                command.done.set_result(None)
+            if isinstance(command, _Abort):
+                settle(command.done)
             elif isinstance(command, _Add):
                 command.sink.put(error=RuntimeError("the LocalEngineBackend was closed"))
 
