@@ -63,7 +63,10 @@ class AppArgs(BaseModel):
         2, ge=1, description="prefill/decode pairs tried per request after instance failures"
     )
     queue_timeout_s: float = Field(
-        60.0, ge=0, description="a request waits this long for a decode instance with room"
+        60.0,
+        ge=0,
+        description="a request waits this long for an instance that can take it (a decode "
+        "instance with room, a prefill instance, a pair registered)",
     )
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>'")
     app_name: str = Field("pdray", description="namespace of this app's Redis records")

@@ -12,9 +12,10 @@ max_attempts. Once tokens have been streamed, a failure ends the request with an
 the instance (nothing is streamed twice).
 
 A full decode instance (no free KV blocks for the prompt, by its record or by its answer to
-`reserve`) is healthy: the request tries another one, and while every live one is full it waits
-for room (pauses from `_ROOM_POLL_S` doubling to `_ROOM_POLL_MAX_S`, the snapshot refreshed after
-each) for up to `queue_timeout_s`, then gets a 503. Metrics (deployments/metrics.py): one RequestTrace
+`reserve`) is healthy: the request tries another one. While nothing can take the request (every
+live decode instance full, or no live instance of a role in the snapshot: not registered yet,
+being replaced, or a record the snapshot saw late) it waits (pauses from `_WAIT_S` doubling to
+`_WAIT_MAX_S`, the snapshot refreshed after each) for up to `queue_timeout_s`, then gets a 503. Metrics (deployments/metrics.py): one RequestTrace
 per request, recorded when it ends, and one counter increment per routing decision.
 """
 
@@ -25,7 +26,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from ray import serve
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 DEPLOYMENT_NAMES = {Role.PREFILL: "Prefill", Role.DECODE: "Decode", Role.MIXED: "Mixed"}
 _RESERVE_TIMEOUT_S = 30.0
 _ABORT_TIMEOUT_S = 10.0
-_ROOM_POLL_S, _ROOM_POLL_MAX_S = 0.05, 0.5  # waiting for room: first and longest pause
+_WAIT_S, _WAIT_MAX_S = 0.05, 0.5  # waiting for an instance that can take a request: pauses
 
 
 class PDBackend:
@@ -119,8 +120,8 @@ class PDBackend:
         num_tokens = len(prompt) if isinstance(prompt, list) else 0
         exclude: set[str] = set()  # failed instances
         full: set[str] = set()  # decode instances without room for this request just now
-        room_deadline = time.monotonic() + self.args.queue_timeout_s
-        failures, wait_s = 0, _ROOM_POLL_S
+        wait_deadline = time.monotonic() + self.args.queue_timeout_s
+        failures, wait_s = 0, _WAIT_S
         last_error = "no instance available"
         for attempt in itertools.count():
             attempt_id = request_id if attempt == 0 else f"{request_id}.{attempt}"
@@ -133,21 +134,19 @@ class PDBackend:
             except _InstanceFull as e:
                 record_routing(Role.DECODE.value, e.instance_id, RoutingOutcome.FULL)
                 full.add(e.instance_id)
-            except _NoRoom as e:  # every live decode instance is full: wait for room
-                if time.monotonic() > room_deadline:
+            except _Unavailable as e:  # nothing can take it right now: wait
+                if time.monotonic() > wait_deadline:
                     record_routing(e.role.value, "", RoutingOutcome.NO_INSTANCE)
-                    last_error = (
-                        f"every live {e.role.value} instance stayed full (no free KV blocks for "
-                        f"the prompt) for queue_timeout_s={self.args.queue_timeout_s:g} s"
-                    )
+                    why = (
+                        f"every live {e.role.value} instance stayed full (no free KV blocks "
+                        "for the prompt)" if e.full else str(e)
+                    )  # fmt: skip
+                    last_error = f"{why} for queue_timeout_s={self.args.queue_timeout_s:g} s"
                     break
                 full.clear()
                 await asyncio.sleep(wait_s)
-                wait_s = min(2 * wait_s, _ROOM_POLL_MAX_S)
+                wait_s = min(2 * wait_s, _WAIT_MAX_S)
                 await self.snapshot.refresh()
-            except NoCapacityError as e:
-                last_error = str(e)
-                break
             except _InstanceFailed as e:
                 failures += 1
                 record_routing(e.role.value, e.instance_id, RoutingOutcome.FAILED)
@@ -173,18 +172,25 @@ class PDBackend:
         raise NoCapacityError(f"no instance could take the request: {last_error}")
 
     def _pick_decode(self, role: Role, num_tokens: int, exclude: set[str], full: set[str]):
-        """A decode (or mixed) instance with room; _NoRoom when the ones that have not failed
-        are all full."""
+        """A decode (or mixed) instance with room, else _Unavailable (full: the ones that have not
+        failed are all full)."""
         try:
             record = self.snapshot.pick_decode(
                 num_tokens=num_tokens, role=role, exclude=exclude | full
             )
         except NoCapacityError as e:
-            if any(r.instance_id not in exclude for r in self.snapshot.records(role)):
-                raise _NoRoom(role, str(e)) from None
-            record_routing(role.value, "", RoutingOutcome.NO_INSTANCE)
-            raise
+            full = any(r.instance_id not in exclude for r in self.snapshot.records(role))
+            raise _Unavailable(role, str(e), full) from None
         record_routing(role.value, record.instance_id, RoutingOutcome.PICKED)
+        return record
+
+    def _pick_prefill(self, exclude: set[str]) -> InstanceRecord:
+        """The prefill instance with the fewest queued prompt tokens, else _Unavailable."""
+        try:
+            record = self.snapshot.pick_prefill(exclude=exclude)
+        except NoCapacityError as e:
+            raise _Unavailable(Role.PREFILL, str(e)) from None
+        record_routing(Role.PREFILL.value, record.instance_id, RoutingOutcome.PICKED)
         return record
 
     async def check_health(self) -> None:
@@ -216,7 +222,7 @@ class PDBackend:
                 yield output
             return
         decode = self._pick_decode(Role.DECODE, num_tokens, exclude, full)
-        prefill = _pick(Role.PREFILL, lambda: snapshot.pick_prefill(exclude=exclude))
+        prefill = self._pick_prefill(exclude)
         placed = [(Role.DECODE, decode.instance_id), (Role.PREFILL, prefill.instance_id)]
         self._placed[request_id] = (attempt_id, placed)
         trace.role, trace.replica = Role.DECODE.value, decode.instance_id
@@ -267,16 +273,6 @@ class PDBackend:
         await self._cleanup(request_id)
 
 
-def _pick(role: Role, pick: Callable[[], InstanceRecord]) -> InstanceRecord:
-    try:
-        record = pick()
-    except NoCapacityError:
-        record_routing(role.value, "", RoutingOutcome.NO_INSTANCE)
-        raise
-    record_routing(role.value, record.instance_id, RoutingOutcome.PICKED)
-    return record
-
-
 def _finish_status(output: RequestOutput) -> RequestStatus:
     try:
         return RequestStatus(output.outputs[0].finish_reason)
@@ -284,12 +280,12 @@ def _finish_status(output: RequestOutput) -> RequestStatus:
         return RequestStatus.STOP
 
 
-class _NoRoom(NoCapacityError):
-    """Every decode (or mixed) instance that has not failed is full right now."""
+class _Unavailable(NoCapacityError):
+    """No instance of `role` can take the request right now; `full`: live ones exist, all full."""
 
-    def __init__(self, role: Role, message: str):
+    def __init__(self, role: Role, message: str, full: bool = False):
         super().__init__(message)
-        self.role = role
+        self.role, self.full = role, full
 
 
 class _InstanceFull(Exception):

@@ -1,6 +1,7 @@
 """PDBackend's attempts against a real Redis snapshot and scripted instances (no Serve): a full
 decode instance is healthy (not marked down); the request tries the other one, or waits for room
-and then completes; a dead one is marked down and the next pair serves."""
+and then completes; it also waits for a decode instance whose record is missing; a dead one is
+marked down and the next pair serves."""
 
 from __future__ import annotations
 
@@ -166,6 +167,37 @@ def test_no_room_until_the_queue_timeout_is_a_503(checkpoint, redis_url):
             checkpoint, redis_url, {"d0": 0}, app_name="timeout", queue_timeout_s=0.3
         )
         with pytest.raises(NoCapacityError, match="stayed full"):
+            await asyncio.wait_for(_generate(backend), 5)
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_request_waits_for_a_decode_record_then_completes(checkpoint, redis_url):
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="late")
+        store = backend.snapshot.store
+        await store.remove("d0")  # e.g. a replica being replaced, or a heartbeat seen late
+        await backend.snapshot.refresh()
+        task = asyncio.ensure_future(_generate(backend))
+        await asyncio.sleep(0.5)
+        assert not task.done()  # no prefill/decode pair: the request waits, no 503
+        await store.heartbeat(record("d0", Role.DECODE))
+        outputs = await asyncio.wait_for(task, 5)
+        assert outputs[-1].finished and backend._handles[Role.DECODE].reserved == ["d0"]
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_no_instance_until_the_queue_timeout_is_a_503(checkpoint, redis_url):
+    async def main():
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5}, app_name="none", queue_timeout_s=0.3
+        )
+        await backend.snapshot.store.remove("d0")
+        await backend.snapshot.refresh()
+        with pytest.raises(NoCapacityError, match="no mixed instance .* for queue_timeout_s=0.3"):
             await asyncio.wait_for(_generate(backend), 5)
         await backend.snapshot.stop()
 
