@@ -19,14 +19,15 @@ from ray import serve
 
 from deployments.args import AppArgs
 from deployments.engine_replica import (
-    _abort,
-    make_engine_thread,
+    make_engine_loop,
     params_from,
-    stream_outputs,
+    submit,
 )
 from deployments.metrics import ReplicaMetrics
 from deployments.redis_host import resolve_redis_url
 from pdray.config import Role
+from pdray.engine.loop import AsyncSink
+from pdray.engine.role_worker import PrefillResult
 from pdray.kv_transfer.base import Ticket
 from pdray.router.store import InstanceRecord, record_key
 
@@ -42,9 +43,10 @@ class PDReplica:
         self.args = AppArgs(**args)
         self.role = Role(role)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.thread, self.worker = make_engine_thread(self.role, self.args, self.replica_id)
-        self.engine = self.thread.engine
-        self._streams: dict = {}
+        self.loop = make_engine_loop(self.role, self.args, self.replica_id)
+        self.worker = self.loop.worker
+        self.engine = self.worker.engine
+        self._streams: dict[str, AsyncSink] = {}  # decode: reserved, stream not yet opened
         self._key = record_key(self.args.app_name, self.replica_id)
         self._stop = threading.Event()
         kv = getattr(self.worker, "sender", None) or getattr(self.worker, "receiver", None)
@@ -57,52 +59,59 @@ class PDReplica:
 
     async def generate(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
         self._check_target(replica_id)
-        loop = asyncio.get_running_loop()
-        stream = self.thread.open_stream(request_id, loop)
-        future = self.thread.call(
-            lambda: self.engine.add_request(request_id, prompt, params_from(params))
-        )
-        await asyncio.wrap_future(future)
-        async for output in stream_outputs(self.thread, request_id, stream):
+        sink = AsyncSink()
+        await submit(
+            self.loop, request_id, sink,
+            lambda: self.worker.add(request_id, prompt, params_from(params)),
+        )  # fmt: skip
+        async for output in self.loop.stream(request_id, sink):
             yield output
 
     async def reserve(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
+        """A Ticket (as JSON) for the prompt's KV, or None when the KV cache has no room now.
+        The request's outputs are collected from here on; `stream` yields them."""
         self._check_target(replica_id)
-        stream = self.thread.open_stream(request_id, asyncio.get_running_loop())
-        future = self.thread.call(
-            lambda: self.worker.reserve(request_id, prompt, params_from(params))
-        )
-        ticket = await asyncio.wrap_future(future)
+        sink = AsyncSink()
+        ticket = await submit(
+            self.loop, request_id, sink,
+            lambda: self.worker.reserve(request_id, prompt, params_from(params)),
+        )  # fmt: skip
         if ticket is None:
-            self.thread.call(lambda: self.thread._streams.pop(request_id, None))
+            await asyncio.wrap_future(self.loop.abort(request_id))  # drops the sink
             return None
-        self._streams[request_id] = stream
+        self._streams[request_id] = sink
         return ticket.model_dump(mode="json")
 
     async def stream(self, request_id: str, replica_id: str | None = None):
         self._check_target(replica_id)
-        stream = self._streams.pop(request_id)
-        async for output in stream_outputs(self.thread, request_id, stream):
+        sink = self._streams.pop(request_id, None)
+        if sink is None:
+            raise RuntimeError(f"request {request_id} is not reserved on {self.replica_id}")
+        async for output in self.loop.stream(request_id, sink):
             yield output
 
     async def prefill(self, request_id: str, prompt, params: dict, ticket: dict, replica_id=None):
-        """Returns None once the KV and first token are handed off, else the error text."""
+        """Streams the first-token output as soon as it is sampled, then a PrefillResult once
+        the KV and first token are handed off (its `error` says why not)."""
         self._check_target(replica_id)
-        waiter = self.thread.wait_prefill(request_id)
-        submit = self.thread.call(
-            lambda: self.worker.submit(request_id, prompt, params_from(params), Ticket(**ticket))
-        )
+        sink = AsyncSink()
         try:
-            await asyncio.wrap_future(submit)
+            await submit(
+                self.loop, request_id, sink,
+                lambda: self.worker.submit(
+                    request_id, prompt, params_from(params), Ticket(**ticket)
+                ),
+            )  # fmt: skip
         except Exception as e:
-            self.thread.call(lambda: self.thread._waiters.pop(request_id, None))
-            return f"{type(e).__name__}: {e}"
-        return await asyncio.wrap_future(waiter)
+            yield PrefillResult(request_id, None, f"{type(e).__name__}: {e}")
+            return
+        async for item in self.loop.stream(request_id, sink):
+            yield item
 
     async def abort(self, request_id: str, replica_id: str | None = None) -> None:
         self._check_target(replica_id)
         self._streams.pop(request_id, None)
-        await asyncio.wrap_future(self.thread.call(lambda: _abort(self.thread, request_id)))
+        await asyncio.wrap_future(self.loop.abort(request_id))
 
     async def stats(self, replica_id: str | None = None) -> dict:
         self._check_target(replica_id)
@@ -118,8 +127,8 @@ class PDReplica:
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: its engine thread stopped, or one of its
         tensor-parallel ranks (a worker actor) died."""
-        if not self.thread.alive:
-            raise RuntimeError("the engine thread has stopped")
+        if not self.loop.alive:
+            raise RuntimeError("the engine loop has stopped")
         group = self.engine.runner.tp_group
         dead = group.dead() if group is not None else []
         if dead:
@@ -159,7 +168,7 @@ class PDReplica:
         client = redis.Redis.from_url(resolve_redis_url(self.args.redis_url))
         key = self._key
         ttl_ms = int(self.args.scheduler_ttl_s * 1000)
-        while self.thread.alive:  # a dead engine stops heartbeating: its record expires
+        while self.loop.alive:  # a dead engine stops heartbeating: its record expires
             record = None
             try:
                 record = self._record()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -35,6 +36,8 @@ from deployments.args import AppArgs
 from deployments.metrics import RequestStatus, RequestTrace, RoutingOutcome, record_routing
 from deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
 from pdray.config import Role
+from pdray.disagg.client_stream import SentTokens, pd_outputs
+from pdray.engine.role_worker import FailureKind, HandoffFailed, PrefillResult
 from pdray.entrypoints.openai.api import build_openai_app
 from pdray.entrypoints.openai.protocol import NoCapacityError
 from pdray.models.loader import load_model_config
@@ -115,8 +118,11 @@ class PDBackend:
             trace.record(status)
 
     async def _attempts(self, request_id, prompt, params, trace: RequestTrace):
-        """Pairs tried in turn until one streams; a failure after a token ends the request."""
+        """Pairs tried in turn until one streams. A failure after decode streamed tokens ends the
+        request; one after only the first token (from prefill) retries, and the new attempt's
+        outputs pass only if they agree with what was sent (`SentTokens`)."""
         await self._ensure_snapshot()
+        sent = SentTokens()
         num_tokens = len(prompt) if isinstance(prompt, list) else 0
         exclude: set[str] = set()  # failed instances
         full: set[str] = set()  # decode instances without room for this request just now
@@ -127,10 +133,22 @@ class PDBackend:
             attempt_id = request_id if attempt == 0 else f"{request_id}.{attempt}"
             try:
                 async for output in self._one_attempt(
-                    request_id, attempt_id, prompt, params, num_tokens, exclude, full, trace
+                    request_id, attempt_id, prompt, params, num_tokens, exclude, full, sent, trace
                 ):
                     yield output
                 return
+            except _HandoffFailed as e:  # decode is healthy; its policy says retry or fail
+                record_routing(Role.DECODE.value, e.instance_id, RoutingOutcome.FAILED)
+                failures += 1
+                last_error = f"the prompt's KV did not reach decode: {e.failure.reason}"
+                if any(r.instance_id not in exclude | {e.instance_id}
+                       for r in self.snapshot.records(Role.DECODE)):  # fmt: skip
+                    full.add(e.instance_id)  # prefer another decode instance for the retry
+                if e.failure.kind is FailureKind.FAILED or sent.most > 1:
+                    raise RuntimeError(f"request {request_id}: {last_error}") from None
+                if failures >= self.args.max_attempts:
+                    break
+                logger.warning("request %s: %s; trying another pair", request_id, last_error)
             except _InstanceFull as e:
                 record_routing(Role.DECODE.value, e.instance_id, RoutingOutcome.FULL)
                 full.add(e.instance_id)
@@ -157,10 +175,10 @@ class PDBackend:
                 # background. The next attempt has its own id, so the abort cannot hit it.
                 placed = self._placed.pop(request_id, (attempt_id, []))
                 self._spawn(self._abort(*placed, skip=set(exclude)))
-                if trace.num_tokens:
+                if sent.most > 1:
                     raise RuntimeError(
                         f"{e.role.value} instance {e.instance_id} failed after streaming "
-                        f"{trace.num_tokens} token(s) of request {request_id}, which cannot be "
+                        f"{sent.most} token(s) of request {request_id}, which cannot be "
                         f"resumed: {e}"
                     ) from None
                 last_error = str(e)
@@ -204,7 +222,7 @@ class PDBackend:
             raise RuntimeError("no prefill/decode pair or mixed replica is registered yet")
 
     async def _one_attempt(
-        self, request_id, attempt_id, prompt, params, num_tokens, exclude, full, trace
+        self, request_id, attempt_id, prompt, params, num_tokens, exclude, full, sent, trace
     ):
         snapshot = self.snapshot
         if not snapshot.records():
@@ -219,7 +237,8 @@ class PDBackend:
                 attempt_id, prompt, params.to_dict(), replica_id=mixed.instance_id
             )
             async for output in _guard(gen, mixed):
-                yield output
+                if sent.admit(output):
+                    yield output
             return
         decode = self._pick_decode(Role.DECODE, num_tokens, exclude, full)
         prefill = self._pick_prefill(exclude)
@@ -234,20 +253,23 @@ class PDBackend:
         )
         if ticket is None:
             raise _InstanceFull(decode)
-        prefill_call = self._handle(Role.PREFILL).prefill.remote(
-            attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
-        )
-        watcher = asyncio.ensure_future(_watch_prefill(prefill_call, attempt_id))
-        try:
-            gen = (
-                self._handle(Role.DECODE)
-                .options(stream=True)
-                .stream.remote(attempt_id, replica_id=decode.instance_id)
+        prefill_items = (
+            self._handle(Role.PREFILL)
+            .options(stream=True)
+            .prefill.remote(
+                attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
             )
-            async for output in _guard(gen, decode):
-                yield output
-        finally:
-            watcher.cancel()
+        )
+        decode_outputs = (
+            self._handle(Role.DECODE)
+            .options(stream=True)
+            .stream.remote(attempt_id, replica_id=decode.instance_id)
+        )
+        async for output in pd_outputs(
+            prefill_items, _guard(decode_outputs, decode), params, sent,
+            functools.partial(_log_prefill_end, attempt_id),
+        ):  # fmt: skip
+            yield output
 
     async def _cleanup(self, request_id: str) -> None:
         """Abort the request's current attempt on its instances (idempotent)."""
@@ -296,6 +318,14 @@ class _InstanceFull(Exception):
         self.instance_id = instance.instance_id
 
 
+class _HandoffFailed(Exception):
+    """A decode instance did not get the prompt's KV; its failure policy is retry or fail."""
+
+    def __init__(self, instance: InstanceRecord, failure: HandoffFailed):
+        super().__init__(str(failure))
+        self.instance_id, self.failure = instance.instance_id, failure
+
+
 class _InstanceFailed(RuntimeError):
     def __init__(self, instance: InstanceRecord, message: str):
         super().__init__(message)
@@ -318,6 +348,9 @@ async def _guard(gen, instance: InstanceRecord):
     except ValueError:
         raise
     except Exception as e:
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, HandoffFailed):
+            raise _HandoffFailed(instance, cause) from None
         if _is_user_error(e):
             raise ValueError(str(e)) from None
         raise _InstanceFailed(instance, _brief(e)) from None
@@ -336,20 +369,11 @@ def _is_user_error(e: Exception) -> bool:
     return isinstance(cause, ValueError)
 
 
-async def _watch_prefill(response, request_id: str) -> None:
+def _log_prefill_end(request_id: str, end: PrefillResult | Exception) -> None:
     """The decode side recovers from prefill failures (lease, policy); log them here."""
-    try:
-        error = await response
-        if error:
-            logger.warning(
-                "prefill of %s: %s (decode applies its failure policy)", request_id, error
-            )
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        logger.warning(
-            "prefill of %s failed: %s (decode applies its failure policy)", request_id, e
-        )
+    error = _brief(end) if isinstance(end, Exception) else end.error
+    if error:
+        logger.warning("prefill of %s: %s (decode applies its failure policy)", request_id, error)
 
 
 def build_router_app(args: dict):

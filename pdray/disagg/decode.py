@@ -6,6 +6,11 @@ Request lifecycle here:
                                     freed -> policy: recompute here | hand back for retry | fail
   abort at any point: receiver revoked first (no copy can still land), then blocks freed.
 
+Driven by an EngineLoop (pdray/engine/loop.py): every KV message calls `wake`, so the loop steps
+this worker as soon as a ticket may have completed; while only waiting for KV the loop sleeps
+until a message or the next lease deadline (`next_deadline_s`). The admission output carries the
+first token, which the client already got from the prefill instance: a router drops it.
+
 With tensor parallelism every rank receives the KV of its own heads (pdray/disagg/tp_ranks.py);
 a ticket lists all ranks' receivers and is registered on all of them before it is returned. The
 request is admitted once rank 0 has its KV and every other rank reports the same; if any rank
@@ -17,11 +22,20 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdray.config import Role
 from pdray.disagg.tp_ranks import ReceiverRank, rank_transport
 from pdray.engine.llm_engine import LLMEngine
+from pdray.engine.role_worker import (
+    Emit,
+    FailureKind,
+    HandoffFailed,
+    RequestFailed,
+    StreamItem,
+    collect,
+)
 from pdray.kv_transfer.base import FailurePolicy, KVTransport, SeqTicket, Ticket
 from pdray.kv_transfer.receiver import KVReceiver, TicketState
 from pdray.outputs import RequestOutput
@@ -39,13 +53,7 @@ class _Pending:
     policy: FailurePolicy
 
 
-@dataclass
-class DecodeEvent:
-    """Something the caller must act on: a request to retry elsewhere, or one that failed."""
-
-    request_id: str
-    kind: str  # "retry" or "failed"
-    reason: str
+_TP_POLL_S = 0.001  # other decode ranks report complete tickets only when asked
 
 
 class DecodeWorker:
@@ -57,6 +65,7 @@ class DecodeWorker:
         *,
         lease_s: float = 30.0,
         policy: FailurePolicy = FailurePolicy.RECOMPUTE,
+        wake: Callable[[], None] | None = None,
     ):
         if engine.config.role is not Role.DECODE:
             raise ValueError("DecodeWorker needs an engine with role='decode'")
@@ -68,9 +77,8 @@ class DecodeWorker:
         layout = runner.kv_layout
         self.receiver = KVReceiver(runner.kv_cache, layout=layout)
         self.receiver.metrics.transport = transport.kind.value
-        self.descriptor = transport.listen(
-            engine_id, runner.kv_cache, self.receiver.on_message, layout
-        )
+        self._wake = wake
+        self.descriptor = transport.listen(engine_id, runner.kv_cache, self._on_message, layout)
         self.receivers = [self.descriptor]
         self.ranks = runner.tp_group  # the other tensor-parallel ranks, if any
         if self.ranks is not None:
@@ -81,7 +89,11 @@ class DecodeWorker:
         self.pending: dict[str, _Pending] = {}
         # (request_id, generation) complete on rank 0 -> (ticket, handoffs, other ranks done)
         self._rank_done: dict[tuple[str, int], tuple[Ticket, dict, set[int]]] = {}
-        self.events: list[DecodeEvent] = []
+
+    def _on_message(self, message, payload) -> None:  # a transport thread
+        self.receiver.on_message(message, payload)
+        if self._wake is not None:
+            self._wake()
 
     def reserve(
         self,
@@ -116,11 +128,11 @@ class DecodeWorker:
         self.pending[request_id] = _Pending(ticket, prompt, params, policy or self.policy)
         return ticket
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> RequestOutput | None:
         pending = self.pending.pop(request_id, None)
         if pending is not None:
             self._revoke(pending.ticket, "aborted")
-        self.engine.abort_request(request_id)
+        return self.engine.abort_request(request_id)
 
     def _revoke(self, ticket: Ticket, reason: str) -> None:
         """Stop every rank applying KV of the ticket (before its blocks are freed)."""
@@ -130,32 +142,45 @@ class DecodeWorker:
             self._rank_done.pop(key, None)
             self.ranks.broadcast("revoke", *key, reason, target="kv")
 
-    def step(self) -> list[RequestOutput]:
-        """Admissions (each a request's first token) come back at once, before a decode step
-        delays them; otherwise one engine step."""
-        return self.poll_transfers() or self.engine.step()
+    def step(self, emit: Emit | None = None) -> list[StreamItem] | None:
+        """Admit requests whose KV arrived and fail over the others (emitted at once), then run
+        one decode step if anything can run. Without `emit`, returns what it emitted."""
+        if emit is None:
+            return collect(self.step)
+        self.poll_transfers(emit)
+        if self.engine.scheduler.has_work:
+            for output in self.engine.step():
+                emit(output.request_id, output)
+        return None
 
     def has_work(self) -> bool:
         return bool(self.pending) or self.engine.scheduler.has_work
 
     def has_runnable_work(self) -> bool:
-        """False while only waiting for KV: callers should sleep briefly instead of spinning."""
+        """False while only waiting for KV."""
         return self.engine.scheduler.has_work
 
-    def poll_transfers(self) -> list[RequestOutput]:
+    def next_deadline_s(self) -> float | None:
+        """The earliest lease deadline (monotonic); soon while other ranks are to be asked."""
+        if self._rank_done:
+            return time.monotonic() + _TP_POLL_S
+        if not self.pending:
+            return None
+        earliest = min(p.ticket.deadline_s for p in self.pending.values())
+        return time.monotonic() + max(0.0, earliest - time.time())
+
+    def poll_transfers(self, emit: Emit) -> None:
         """Admit requests whose KV arrived (their first token is the output), fail over others."""
-        outputs = []
         for ticket, state, handoffs, error in self._poll_ranks():
             pending = self.pending.get(ticket.request_id)
             if pending is None or pending.ticket.generation != ticket.generation:
                 continue
             del self.pending[ticket.request_id]
             if state is TicketState.COMPLETE:
-                outputs.append(self._admit(ticket, handoffs))
+                emit(ticket.request_id, self._admit(ticket, handoffs))
             else:
                 self._revoke(ticket, error or state.value)  # other ranks may still hold it live
-                outputs += self._fail_over(pending, error or state.value)
-        return outputs
+                self._fail_over(pending, error or state.value, emit)
 
     def _poll_ranks(self) -> list[tuple[Ticket, TicketState, dict, str | None]]:
         """Rank 0's finished tickets; with other ranks, a complete one waits for theirs."""
@@ -197,16 +222,15 @@ class DecodeWorker:
             tokens.append(SampledToken(h.first_token_id, h.logprob, h.rank, h.top_logprobs))
         return self.engine.admit_remote(ticket.request_id, tokens)
 
-    def _fail_over(self, pending: _Pending, reason: str) -> list[RequestOutput]:
+    def _fail_over(self, pending: _Pending, reason: str, emit: Emit) -> None:
         request_id = pending.ticket.request_id
         self.engine.abort_request(request_id)  # receiver already stopped applying this ticket
         logger.warning("request %s: %s; policy %s", request_id, reason, pending.policy.value)
         if pending.policy is FailurePolicy.RECOMPUTE:
             self.engine.add_request(request_id, pending.prompt, pending.params)
-            return []
-        kind = "retry" if pending.policy is FailurePolicy.RETRY else "failed"
-        self.events.append(DecodeEvent(request_id, kind, reason))
-        return []
+            return
+        kind = FailureKind.RETRY if pending.policy is FailurePolicy.RETRY else FailureKind.FAILED
+        emit(request_id, RequestFailed(request_id, HandoffFailed(kind, reason)))
 
     def close(self) -> None:
         for request_id in list(self.pending):

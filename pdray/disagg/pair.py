@@ -1,9 +1,19 @@
-"""One prefill engine and one decode engine in two child processes, driven from this one.
+"""A prefill engine and a decode engine driven from this process: the offline 1P1D deployment.
 
-The offline equivalent of a 1P1D deployment. Per request the driver reserves blocks on decode
-(which answers with a Ticket), submits the prompt with the ticket to prefill, and collects the
-decode engine's outputs. Commands and outputs travel over multiprocessing pipes; the KV travels
-over the chosen transport (`ucx` or `cuda_ipc`; `local` runs both engines in this process).
+Each engine runs on an `EngineLoop` (pdray/engine/loop.py), the loop a Serve replica uses: in a
+child process each (`DisaggregatedLLM`, KV over `ucx` or `cuda_ipc`) or both in this process
+(`LocalDisaggregatedLLM`, the `local` transport). The driver speaks the same protocol as the
+Serve router, as messages:
+
+  driver -> decode    ("reserve", id, prompt, params)      -> ("ticket", id, ticket | None)
+  driver -> prefill   ("submit", id, prompt, params, ticket)  (KV flows prefill -> decode)
+  engine -> driver    ("item", id, RequestOutput | PrefillResult | RequestFailed)
+                      ("error", id, message)  a command failed
+  driver -> either    ("abort", id), ("close",)
+
+A reservation refused for lack of room is asked again when a decode request finishes, so nothing
+polls. Every wait of the driver has a deadline (`timeout_s`); a child that exits is reported with
+its exit code.
 """
 
 from __future__ import annotations
@@ -11,80 +21,111 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import logging
 import multiprocessing as mp
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pdray.config import EngineConfig
-from pdray.disagg.decode import DecodeWorker
-from pdray.disagg.prefill import PrefillWorker
 from pdray.engine.llm_engine import LLMEngine
+from pdray.engine.loop import EngineLoop, Inbox
+from pdray.engine.role_worker import RequestFailed, StreamItem
 from pdray.kv_transfer import make_transport
 from pdray.kv_transfer.base import FailurePolicy, Ticket, TransportKind
 from pdray.outputs import RequestOutput
 from pdray.sampling_params import SamplingParams
 
-_POLL_S = 0.002
+logger = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 600.0  # loading a large checkpoint
 
 
-def _make_worker(role: str, model: str, transport: str, engine_args: dict, name: str):
+def _make_loop(role: str, model: str, transport: str, engine_args: dict, name: str) -> EngineLoop:
+    from pdray.disagg.decode import DecodeWorker
+    from pdray.disagg.prefill import PrefillWorker
+
     engine = LLMEngine(EngineConfig(model=model, role=role, **engine_args))
+    inbox = Inbox()
     kind = make_transport(transport)
     if role == "prefill":
-        return PrefillWorker(engine, kind)
-    return DecodeWorker(engine, kind, engine_id=name, policy=FailurePolicy.RECOMPUTE)
+        worker = PrefillWorker(engine, kind)
+    else:
+        worker = DecodeWorker(
+            engine, kind, engine_id=name, policy=FailurePolicy.RECOMPUTE, wake=inbox.wake
+        )
+    return EngineLoop(worker, inbox, name=f"pdray-{role}")
+
+
+class _Sink:
+    def __init__(self, reply: Callable[[tuple], None], request_id: str):
+        self.reply, self.request_id = reply, request_id
+
+    def put(self, item: StreamItem) -> None:
+        self.reply(("item", self.request_id, item))
+
+
+def _handle(loop: EngineLoop, message: tuple, reply: Callable[[tuple], None]) -> None:
+    """Run one driver command on an engine loop; answers go to `reply` (from any thread)."""
+    command, request_id, *args = message
+    if command == "abort":
+        loop.abort(request_id)
+        return
+    worker, sink = loop.worker, _Sink(reply, request_id)
+    if command == "reserve":
+        future = loop.submit(request_id, sink, lambda: worker.reserve(request_id, *args))
+    elif command == "submit":
+        prompt, params, ticket = args
+        future = loop.submit(
+            request_id, sink, lambda: worker.submit(request_id, prompt, params, Ticket(**ticket))
+        )
+    else:
+        raise ValueError(f"unknown command {command!r}")
+
+    def answer(done) -> None:
+        error = done.exception()
+        if error is not None:
+            reply(("error", request_id, f"{type(error).__name__}: {error}"))
+        elif command == "reserve":
+            ticket = done.result()
+            if ticket is None:
+                loop.abort(request_id)  # drops the sink
+            reply(("ticket", request_id, None if ticket is None else ticket.model_dump()))
+
+    future.add_done_callback(answer)
 
 
 def _serve(role: str, model: str, transport: str, engine_args: dict, name: str, conn) -> None:
-    """Child process: run one worker, answer commands, stream outputs back."""
+    """Child process: run one engine loop, answer the driver's commands."""
     try:
-        worker = _make_worker(role, model, transport, engine_args, name)
+        loop = _make_loop(role, model, transport, engine_args, name)
     except Exception as e:
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", getattr(worker, "descriptor", None)))
-    while True:
-        while conn.poll(_idle_wait_s(worker)):
-            command, args = conn.recv()
-            if command == "close":
-                worker.close()
-                return
+    lock = threading.Lock()
+
+    def reply(message: tuple) -> None:
+        with lock, contextlib.suppress(OSError):
+            conn.send(message)
+
+    reply(("ready", getattr(loop.worker, "descriptor", None)))
+    try:
+        while True:
             try:
-                reply = _handle(worker, command, args)
-            except Exception as e:
-                reply = ("error", f"{type(e).__name__}: {e}", args[0])
-            if reply is not None:
-                conn.send(reply)
-        if worker.has_work():
-            for result in worker.step():
-                conn.send(("output", result))
-
-
-def _idle_wait_s(worker) -> float:
-    """How long to wait for a command: not at all with work to run, briefly while KV is in
-    flight (a spinning loop would starve the transport thread of the GIL), else longer."""
-    runnable = getattr(worker, "has_runnable_work", worker.has_work)
-    if runnable():
-        return 0.0
-    return 0.001 if worker.has_work() else 0.05
-
-
-def _handle(worker, command: str, args: tuple):
-    if command == "reserve":
-        request_id, prompt, params = args
-        ticket = worker.reserve(request_id, prompt, params)
-        return ("ticket", request_id, None if ticket is None else ticket.model_dump())
-    if command == "submit":
-        request_id, prompt, params, ticket = args
-        worker.submit(request_id, prompt, params, Ticket(**ticket))
-        return None
-    if command == "abort":
-        worker.abort(args[0])
-        return None
-    raise ValueError(f"unknown command {command!r}")
+                message = conn.recv()
+            except EOFError:  # the driver is gone
+                return
+            if message[0] == "close":
+                return
+            _handle(loop, message, reply)
+    finally:
+        loop.close()
 
 
 class _Child:
+    """One engine in a spawned child process; its messages go to `inbox` as (role, message)."""
+
     def __init__(self, role: str, model: str, transport: str, engine_args: dict, name: str):
         self.role = role
         ctx = mp.get_context("spawn")
@@ -96,20 +137,102 @@ class _Child:
         )
         self.process.start()
         atexit.register(self.close)  # not daemonic: stop it at exit if the caller did not
-        kind, payload = self.conn.recv()
-        if kind == "error":
+        if not self.conn.poll(_START_TIMEOUT_S):
+            self.close()
+            raise TimeoutError(f"the {role} engine did not start within {_START_TIMEOUT_S:g} s")
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(self.exit_message()) from None
+        if kind == "failed":
+            self.close()
             raise RuntimeError(f"{role} engine failed to start: {payload}")
         self.descriptor = payload
+        self._lock = threading.Lock()
+
+    def exit_message(self) -> str:
+        self.process.join(5)
+        return f"the {self.role} engine process exited (code {self.process.exitcode})"
+
+    def start_reading(self, inbox: queue.Queue) -> None:
+        threading.Thread(target=self._read, args=(inbox,), daemon=True,
+                         name=f"pdray-{self.role}-pipe").start()  # fmt: skip
+
+    def _read(self, inbox: queue.Queue) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                inbox.put((self.role, ("exited", "", self.exit_message())))
+                return
+            inbox.put((self.role, message))
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self.conn.send(message)
 
     def close(self) -> None:
         atexit.unregister(self.close)
         if self.process.is_alive():
             with contextlib.suppress(OSError):
-                self.conn.send(("close", ()))
-            self.process.join(timeout=10)
+                self.conn.send(("close",))
+            self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=10)
+
+
+def _drive(
+    prompts: Sequence,
+    params: SamplingParams,
+    ids: list[str],
+    send: Callable[[str, tuple], None],
+    inbox: queue.Queue,
+    timeout_s: float,
+) -> list[RequestOutput]:
+    """The router's protocol for a batch of requests; final outputs in order."""
+    prompt_of = dict(zip(ids, prompts, strict=True))
+    final: dict[str, RequestOutput] = {}
+    no_room: list[str] = []  # reservations refused for lack of room, asked again on a finish
+    running: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    for request_id in ids:
+        send("decode", ("reserve", request_id, prompt_of[request_id], params))
+    while len(final) < len(ids):
+        try:
+            role, (kind, request_id, value) = inbox.get(timeout=deadline - time.monotonic())
+        except (queue.Empty, ValueError):
+            raise TimeoutError(
+                f"{len(ids) - len(final)} of {len(ids)} requests unfinished after {timeout_s} s"
+            ) from None
+        if kind == "exited":
+            raise RuntimeError(value)
+        if request_id not in prompt_of:  # left over from an earlier, failed batch
+            continue
+        if kind == "error":
+            raise RuntimeError(f"{role} engine: request {request_id}: {value}")
+        if kind == "ticket":
+            if value is None:
+                if not running:
+                    raise RuntimeError(
+                        f"request {request_id} does not fit the decode engine's KV cache"
+                    )
+                no_room.append(request_id)
+            else:
+                running.add(request_id)
+                send("prefill", ("submit", request_id, prompt_of[request_id], params, value))
+        elif role == "decode" and isinstance(value, RequestFailed):
+            raise RuntimeError(f"decode engine: request {request_id}: {value.error}")
+        elif role == "decode" and isinstance(value, RequestOutput) and value.finished:
+            final[request_id] = value
+            running.discard(request_id)
+            for waiting in no_room:
+                send("decode", ("reserve", waiting, prompt_of[waiting], params))
+            no_room.clear()
+        # prefill items: the first token (decode's output repeats it) and the hand-off's end
+        # (a failed one is recovered by decode's policy)
+    return [final[request_id] for request_id in ids]
 
 
 class DisaggregatedLLM:
@@ -142,58 +265,27 @@ class DisaggregatedLLM:
         except Exception:
             self.prefill.close()
             raise
+        self._inbox: queue.Queue = queue.Queue()
+        self.prefill.start_reading(self._inbox)
+        self.decode.start_reading(self._inbox)
 
     def generate(
         self, prompts: Sequence, params: SamplingParams, timeout_s: float = 600.0
     ) -> list[RequestOutput]:
-        try:
-            return self._generate(prompts, params, timeout_s)
-        except (EOFError, OSError) as e:  # a pipe to an engine process broke
-            dead = [
-                f"the {c.role} engine process exited (code {c.process.exitcode})"
-                for c in (self.prefill, self.decode)
-                if not c.process.is_alive()
-            ]
-            raise RuntimeError("; ".join(dead) or f"lost an engine process: {e}") from e
-
-    def _generate(self, prompts: Sequence, params: SamplingParams, timeout_s: float):
         ids = [f"disagg-{next(self._ids)}" for _ in prompts]
-        queued = dict(zip(ids, prompts, strict=True))
-        final: dict[str, RequestOutput] = {}
-        deadline = time.monotonic() + timeout_s
-        for request_id, prompt in queued.items():
-            self.decode.conn.send(("reserve", (request_id, prompt, params)))
-        while len(final) < len(ids):
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(ids) - len(final)} requests unfinished after {timeout_s} s"
-                )
-            self._pump_decode(queued, params, final)
-            self._pump_prefill()
-        return [final[request_id] for request_id in ids]
-
-    def _pump_decode(self, queued: dict, params: SamplingParams, final: dict) -> None:
-        while self.decode.conn.poll(_POLL_S):
-            message = self.decode.conn.recv()
-            if message[0] == "ticket":
-                _, request_id, ticket = message
-                if ticket is None:  # decode cache full right now: ask again shortly
-                    self.decode.conn.send(("reserve", (request_id, queued[request_id], params)))
-                else:
-                    self.prefill.conn.send(
-                        ("submit", (request_id, queued[request_id], params, ticket))
-                    )
-            elif message[0] == "output" and message[1].finished:
-                final[message[1].request_id] = message[1]
-            elif message[0] == "error":
-                raise RuntimeError(f"decode engine: {message[1]}")
-
-    def _pump_prefill(self) -> None:
-        while self.prefill.conn.poll(0):
-            message = self.prefill.conn.recv()
-            if message[0] == "error":
-                raise RuntimeError(f"prefill engine: {message[1]}")
-            # ("output", PrefillResult): a failed hand-off is recovered by the decode side's policy.
+        children = {"prefill": self.prefill, "decode": self.decode}
+        try:
+            return _drive(
+                prompts, params, ids, lambda role, m: children[role].send(m), self._inbox, timeout_s
+            )
+        except (EOFError, OSError) as e:  # a pipe to an engine process broke
+            raise RuntimeError(f"lost an engine process: {e}") from e
+        except BaseException:
+            for request_id in ids:  # leave nothing running in the engines
+                for child in children.values():
+                    with contextlib.suppress(OSError):
+                        child.send(("abort", request_id))
+            raise
 
     def close(self) -> None:
         self.prefill.close()
@@ -211,33 +303,44 @@ class LocalDisaggregatedLLM:
 
     def __init__(self, model: str, **engine_args):
         self._ids = itertools.count()
-        self.prefill = _make_worker("prefill", model, "local", engine_args, "prefill-local")
-        self.decode = _make_worker(
-            "decode", model, "local", engine_args, f"decode-local-{id(self)}"
-        )
+        self._inbox: queue.Queue = queue.Queue()
+        self.loops = {
+            "prefill": _make_loop("prefill", model, "local", engine_args, "prefill-local"),
+        }
+        try:
+            name = f"decode-local-{id(self)}"
+            self.loops["decode"] = _make_loop("decode", model, "local", engine_args, name)
+        except BaseException:
+            self.loops["prefill"].close()
+            raise
 
-    def generate(self, prompts: Sequence, params: SamplingParams) -> list[RequestOutput]:
+    @property
+    def prefill(self):
+        return self.loops["prefill"].worker
+
+    @property
+    def decode(self):
+        return self.loops["decode"].worker
+
+    def generate(
+        self, prompts: Sequence, params: SamplingParams, timeout_s: float = 600.0
+    ) -> list[RequestOutput]:
         ids = [f"local-{next(self._ids)}" for _ in prompts]
-        waiting = list(zip(ids, prompts, strict=True))
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            still_waiting = []
-            for request_id, prompt in waiting:
-                ticket = self.decode.reserve(request_id, prompt, params)
-                if ticket is None:
-                    still_waiting.append((request_id, prompt))
-                else:
-                    self.prefill.submit(request_id, prompt, params, ticket)
-            waiting = still_waiting
-            self.prefill.step()
-            for out in self.decode.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[request_id] for request_id in ids]
+
+        def send(role: str, message: tuple) -> None:
+            _handle(self.loops[role], message, lambda reply: self._inbox.put((role, reply)))
+
+        try:
+            return _drive(prompts, params, ids, send, self._inbox, timeout_s)
+        except BaseException:
+            for request_id in ids:  # leave nothing running in the engines
+                for loop in self.loops.values():
+                    loop.abort(request_id)
+            raise
 
     def close(self) -> None:
-        self.decode.close()
-        self.prefill.close()
+        self.loops["decode"].close()
+        self.loops["prefill"].close()
 
     def __enter__(self) -> LocalDisaggregatedLLM:
         return self

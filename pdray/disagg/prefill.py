@@ -1,8 +1,9 @@
 """A prefill engine plus a KV sender: computes prompts and streams their KV to decode engines.
 
 Request lifecycle here:  submit(ticket) -> prefill steps (layer-wise KV streaming) -> first token
--> Handoff -> flush -> blocks released. On any error the ticket is aborted toward the receiver
-and the blocks are released; the decode side then applies its failure policy.
+(emitted at once: the client gets it from here while decode admits the request) -> Handoff ->
+flush -> PrefillResult emitted, blocks released. On any error the ticket is aborted toward the
+receiver and the blocks are released; the decode side then applies its failure policy.
 
 With tensor parallelism every rank sends the KV of its own heads: the other ranks' senders
 (pdray/disagg/tp_ranks.py) get each ticket, each step's plan and each hand-off from here, and the
@@ -12,11 +13,11 @@ blocks are released only after every rank's hand-off was acknowledged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from pdray.config import Role
 from pdray.disagg.tp_ranks import SenderRank, rank_transport
 from pdray.engine.llm_engine import LLMEngine
+from pdray.engine.role_worker import Emit, PrefillResult, StreamItem, collect
 from pdray.kv_transfer.base import KVTransport, Ticket, TransferError
 from pdray.kv_transfer.sender import KVSender
 from pdray.outputs import RequestOutput
@@ -25,11 +26,7 @@ from pdray.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PrefillResult:
-    request_id: str
-    output: RequestOutput | None
-    error: str | None = None
+__all__ = ["PrefillResult", "PrefillWorker"]
 
 
 class PrefillWorker:
@@ -71,12 +68,12 @@ class PrefillWorker:
                 self.ranks.broadcast("add_ticket", ticket, target="kv")
             self.tickets[request_id] = ticket
 
-    def abort(self, request_id: str, reason: str = "aborted by client") -> None:
+    def abort(self, request_id: str, reason: str = "aborted by client") -> RequestOutput | None:
         ticket = self.tickets.pop(request_id, None)
         if ticket is not None:
             self.sender.abort(ticket, reason)
             self._forget_on_ranks(ticket)
-        self.engine.abort_request(request_id)
+        return self.engine.abort_request(request_id)
 
     # -- engine.step_observer: around each forward ----------------------------------------------
 
@@ -91,12 +88,25 @@ class PrefillWorker:
         if self._planned:
             self.ranks.broadcast("end_step", target="kv")
 
-    def step(self) -> list[PrefillResult]:
-        results = []
-        for out in self.engine.step():
-            if out.finished:
-                results.append(self._hand_off(out))
-        return results
+    def step(self, emit: Emit | None = None) -> list[StreamItem] | None:
+        """One prefill forward. Each request that sampled its first token emits that output at
+        once (finished=False: decode continues it), then, after its hand-off, a PrefillResult.
+        Without `emit`, returns what it emitted."""
+        if emit is None:
+            return collect(self.step)
+        done = [out for out in self.engine.step() if out.finished]
+        for out in done:
+            out.finished = False
+            emit(out.request_id, out)
+        for out in done:
+            emit(out.request_id, self._hand_off(out))
+        return None
+
+    def has_runnable_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def next_deadline_s(self) -> float | None:
+        return None
 
     def _hand_off(self, out: RequestOutput) -> PrefillResult:
         request_id = out.request_id

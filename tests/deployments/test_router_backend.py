@@ -16,6 +16,11 @@ from deployments import metrics  # noqa: E402
 from deployments.args import AppArgs  # noqa: E402
 from deployments.router import PDBackend  # noqa: E402
 from pdray.config import Role  # noqa: E402
+from pdray.engine.role_worker import (  # noqa: E402
+    FailureKind,
+    HandoffFailed,
+    PrefillResult,
+)
 from pdray.entrypoints.openai.protocol import NoCapacityError  # noqa: E402
 from pdray.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from pdray.router.policy import InstancePicker, PolicyConfig, RouterSnapshot  # noqa: E402
@@ -35,13 +40,26 @@ class _Method:
         return asyncio.ensure_future(call) if asyncio.iscoroutine(call) else call
 
 
+class _RayError(RuntimeError):
+    """What a Serve handle raises for an exception in a replica: the original is `cause`."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(f"ray::ServeReplica:Decode: {cause}")
+        self.cause = cause
+
+
 class FakeInstances:
     """Stands in for the Prefill and Decode deployment handles: `reserve` answers from `room`
-    (instance -> free reservations; None = the actor died), streams give one finished output."""
+    (instance -> free reservations; None = the actor died). Prefill streams the first token (7)
+    and its PrefillResult; decode streams its admission output (the first token again) and then
+    the finished output [first, 8], or raises what `fails` says for that instance."""
 
-    def __init__(self, room: dict[str, int | None]):
+    def __init__(self, room: dict[str, int | None], fails: dict | None = None, first=None):
         self.room = room
         self.reserved: list[str] = []
+        self.fails = fails or {}  # decode instance -> exception its stream raises
+        self.first = first or {}  # decode instance -> first token it recomputed (default 7)
+        self.hold_decode: asyncio.Event | None = None  # decode streams once it is set
 
     def options(self, **_):
         return self
@@ -59,14 +77,25 @@ class FakeInstances:
         return {"ticket": request_id}
 
     async def _prefill(self, replica_id, request_id, prompt, params, ticket):
-        return None
+        yield _out(request_id, [7], None)
+        yield PrefillResult(request_id, None)
 
     async def _stream(self, replica_id, request_id):
-        text = CompletionOutput(index=0, text="ok", token_ids=[7], finish_reason="length")
-        yield RequestOutput(request_id, "", [1, 2], [text], finished=True)
+        if replica_id in self.fails:
+            raise _RayError(self.fails[replica_id])
+        first = self.first.get(replica_id, 7)
+        if self.hold_decode is not None:
+            await self.hold_decode.wait()
+        yield _out(request_id, [first], None)  # admission: the first token again
+        yield _out(request_id, [first, 8], "length")
 
     async def _abort(self, replica_id, request_id):
         return None
+
+
+def _out(request_id: str, tokens: list[int], reason: str | None) -> RequestOutput:
+    text = CompletionOutput(index=0, text="x" * len(tokens), token_ids=tokens, finish_reason=reason)
+    return RequestOutput(request_id, "", [1, 2], [text], finished=reason is not None)
 
 
 def record(instance_id: str, role: Role, free: int = 100) -> InstanceRecord:
@@ -74,7 +103,9 @@ def record(instance_id: str, role: Role, free: int = 100) -> InstanceRecord:
                           total_kv_blocks=128, block_size=16)  # fmt: skip
 
 
-async def _backend(checkpoint, redis_url: str, room: dict, **args) -> PDBackend:
+async def _backend(
+    checkpoint, redis_url: str, room: dict, fails=None, first=None, **args
+) -> PDBackend:
     app_args = AppArgs(model=str(checkpoint("llama3")), redis_url=redis_url, **args)
     backend = PDBackend(app_args)
     store = InstanceStore(redis_url, app_args.app_name, TTL_S)
@@ -84,7 +115,7 @@ async def _backend(checkpoint, redis_url: str, room: dict, **args) -> PDBackend:
     await backend.snapshot.start()
     backend._started = asyncio.get_running_loop().create_future()
     backend._started.set_result(None)
-    decode = FakeInstances(room)
+    decode = FakeInstances(room, fails, first)
     backend._handles = {Role.DECODE: decode, Role.PREFILL: FakeInstances({"p0": 100})}
     return backend
 
@@ -98,8 +129,8 @@ def _in_order():
     return SimpleNamespace(pick_prefill=first, pick_decode=first)
 
 
-async def _generate(backend: PDBackend, request_id: str = "r"):
-    params = SamplingParams(max_tokens=1)
+async def _generate(backend: PDBackend, request_id: str = "r", max_tokens: int = 1):
+    params = SamplingParams(max_tokens=max_tokens)
     return [o async for o in backend.generate(request_id, [1, 2], params)]
 
 
@@ -213,6 +244,90 @@ def test_dead_decode_is_marked_down_and_the_next_pair_serves(checkpoint, redis_u
         outputs = await _generate(backend)
         assert outputs[-1].finished and backend._handles[Role.DECODE].reserved == ["d1"]
         assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url):
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="first")
+        decode = backend._handles[Role.DECODE]
+        decode.hold_decode = asyncio.Event()  # decode has sent nothing yet
+        stream = backend.generate("r", [1, 2], SamplingParams(max_tokens=2))
+        first = await asyncio.wait_for(anext(stream), 5)
+        assert first.outputs[0].token_ids == [7] and not first.finished
+        decode.hold_decode.set()
+        rest = [o async for o in stream]
+        assert _tokens([first, *rest]) == [[7], [7, 8]]  # decode's admission output dropped
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_done_at_its_first_token_ends_at_prefill(checkpoint, redis_url):
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="one")
+        outputs = await _generate(backend, max_tokens=1)
+        # the fake prefill output has no finish reason, so decode still ends it
+        assert _tokens(outputs) == [[7], [7, 8]] and outputs[-1].finished
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_retry_policy_tries_another_pair_without_marking_decode_down(
+    checkpoint, redis_url, routing
+):
+    async def main():
+        retry = HandoffFailed(FailureKind.RETRY, "KV transfer lease expired")
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5, "d1": 5}, fails={"d0": retry}, app_name="retry",
+            max_attempts=2,
+        )  # fmt: skip
+        backend.snapshot.picker = _in_order()  # d0 first
+        outputs = await _generate(backend, max_tokens=2)
+        assert _tokens(outputs) == [[7], [7, 8]]  # the first token once, then d1's
+        assert backend._handles[Role.DECODE].reserved == ["d0", "d1"]
+        assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d0", "d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_fail_policy_ends_the_request_and_keeps_decode(checkpoint, redis_url):
+    async def main():
+        fail = HandoffFailed(FailureKind.FAILED, "KV transfer lease expired")
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5, "d1": 5}, fails={"d0": fail}, app_name="fail"
+        )
+        backend.snapshot.picker = _in_order()
+        with pytest.raises(RuntimeError, match="did not reach decode: KV transfer lease expired"):
+            await _generate(backend, max_tokens=2)
+        assert backend._handles[Role.DECODE].reserved == ["d0"]  # not retried
+        assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d0", "d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_a_retry_that_samples_another_first_token_is_an_error_not_a_repeat(checkpoint, redis_url):
+    async def main():
+        retry = HandoffFailed(FailureKind.RETRY, "transfer failed")
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5, "d1": 5}, fails={"d0": retry}, first={"d1": 9},
+            app_name="diverge", max_attempts=2,
+        )  # fmt: skip
+        backend.snapshot.picker = _in_order()
+        sent = []
+        with pytest.raises(RuntimeError, match="differs from the one already streamed"):
+            async for output in backend.generate("r", [1, 2], SamplingParams(max_tokens=2)):
+                sent.append(output.outputs[0].token_ids)
+        assert sent == [[7]]  # nothing contradicting it reached the client
         await backend.snapshot.stop()
 
     asyncio.run(main())

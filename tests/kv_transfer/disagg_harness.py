@@ -12,6 +12,7 @@ from pdray.config import EngineConfig
 from pdray.disagg.decode import DecodeWorker
 from pdray.disagg.prefill import PrefillWorker
 from pdray.engine.llm_engine import LLMEngine
+from pdray.engine.role_worker import RequestFailed
 from pdray.kv_transfer.local import LocalTransport
 
 _ids = itertools.count()
@@ -37,21 +38,32 @@ def make_pair(path, transport_factory=LocalTransport, *, prefill_kwargs=None, de
 
 
 def run(
-    prefill: PrefillWorker, decode: DecodeWorker, prompts, params, *, max_steps=10_000, **reserve_kw
+    prefill: PrefillWorker,
+    decode: DecodeWorker,
+    prompts,
+    params,
+    *,
+    max_steps=10_000,
+    failures: dict | None = None,
+    **reserve_kw,
 ):
-    """Reserve on decode, prefill with the ticket, step both until done; final outputs in order."""
+    """Reserve on decode, prefill with the ticket, step both until done; final outputs in order.
+    Requests that failed on decode (RequestFailed) go to `failures` (request id -> error)."""
     ids = [f"req-{next(_ids)}" for _ in prompts]
     for request_id, prompt in zip(ids, prompts, strict=True):
         ticket = decode.reserve(request_id, prompt, params, **reserve_kw)
         assert ticket is not None
         prefill.submit(request_id, prompt, params, ticket)
     final = {}
+    failures = {} if failures is None else failures
     for _ in range(max_steps):
         prefill.step()
-        for out in decode.step():
-            if out.finished:
-                final[out.request_id] = out
-        if len(final) + len(decode.events) == len(ids) and not decode.has_work():
+        for item in decode.step():
+            if isinstance(item, RequestFailed):
+                failures[item.request_id] = item.error
+            elif item.finished:
+                final[item.request_id] = item
+        if len(final) + len(failures) == len(ids) and not decode.has_work():
             break
     return [final.get(request_id) for request_id in ids], ids
 

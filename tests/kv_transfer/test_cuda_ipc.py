@@ -14,6 +14,7 @@ from disagg_harness import assert_baseline
 from pdray import LLM, SamplingParams
 from pdray.config import EngineConfig
 from pdray.engine.llm_engine import LLMEngine
+from pdray.engine.role_worker import ends_stream
 from pdray.kv_transfer.base import Ticket
 
 pytestmark = [
@@ -29,6 +30,7 @@ _ids = itertools.count()
 def _prefill_main(path: str, conn) -> None:
     """Child process: a prefill engine that submits what it is sent and reports results."""
     from pdray.disagg.prefill import PrefillWorker
+    from pdray.engine.role_worker import PrefillResult
     from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
 
     engine = LLMEngine(EngineConfig(model=path, role="prefill", **ENGINE))
@@ -50,7 +52,8 @@ def _prefill_main(path: str, conn) -> None:
                 conn.send(("result", request_id, f"{type(e).__name__}: {e}"))
         if worker.has_work():
             for result in worker.step():
-                conn.send(("result", result.request_id, result.error))
+                if isinstance(result, PrefillResult):
+                    conn.send(("result", result.request_id, result.error))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +136,7 @@ def finish(decode, ids: list[str], timeout_s: float = 120.0) -> list:
     """Step the decode engine until these requests finished; their final outputs in order."""
     final, deadline = {}, time.monotonic() + timeout_s
     while len(final) < len(ids) and time.monotonic() < deadline:
-        final |= {out.request_id: out for out in decode.step() if out.finished}
+        final |= {out.request_id: out for out in decode.step() if ends_stream(out)}
     return [final.get(request_id) for request_id in ids]
 
 

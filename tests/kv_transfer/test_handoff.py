@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from disagg_harness import assert_baseline, make_pair, run
 
 from pdray import LLM, SamplingParams
+from pdray.engine.role_worker import FailureKind, HandoffFailed, PrefillResult
 from pdray.kv_transfer.base import FailurePolicy, LayerChunk, merge_runs
 from pdray.kv_transfer.local import LocalTransport
 
@@ -91,13 +93,17 @@ def test_sampling_state_and_logprobs_continue_on_decode(path, mixed):
 def test_lease_expiry_applies_policy_and_refuses_late_writes(path, mixed, policy):
     prefill, decode = make_pair(path, policy=policy)
     batch = prompts(4, lens=(12, 25))
-    outs, ids = run(prefill, decode, batch, GREEDY, lease_s=-1.0)  # expired before prefill runs
+    failures: dict = {}
+    # expired before prefill runs
+    outs, ids = run(prefill, decode, batch, GREEDY, lease_s=-1.0, failures=failures)
     if policy is FailurePolicy.RECOMPUTE:
         assert [o.outputs[0].token_ids for o in outs] == expected(mixed, batch)
+        assert failures == {}
     else:
         assert outs == [None, None]
-        assert {(e.request_id, e.kind) for e in decode.events} == {
-            (i, "retry" if policy is FailurePolicy.RETRY else "failed") for i in ids
+        kind = FailureKind.RETRY if policy is FailurePolicy.RETRY else FailureKind.FAILED
+        assert {i: (type(e), e.kind) for i, e in failures.items()} == {
+            i: (HandoffFailed, kind) for i in ids
         }
     assert decode.receiver.metrics.expired_leases == 2
     assert decode.receiver.metrics.dropped_messages > 0  # the late chunks were refused
@@ -145,11 +151,11 @@ def test_prefill_dies_mid_transfer_lease_expires(path, mixed):
     ticket = decode.reserve("p", batch[0], GREEDY, lease_s=0.2)
     prefill.submit("p", batch[0], GREEDY, ticket)
     prefill.step()  # some layers of the first chunk arrived; then the prefill engine "dies"
-    import time
-
     time.sleep(0.25)
     final = None
+    deadline = time.monotonic() + 30
     while final is None or not final.finished:
+        assert time.monotonic() < deadline, "decode did not recompute within 30 s"
         final = next(iter(decode.step()), final)
     assert final.outputs[0].token_ids == expected(mixed, batch)[0]  # recomputed on decode
     assert decode.receiver.metrics.expired_leases == 1
@@ -166,8 +172,10 @@ def test_decode_gone_prefill_releases(path):
     prefill.step()  # the first chunk went through
     decode.close()  # then the decode engine disappears
     results = []
+    deadline = time.monotonic() + 30
     while not results:
-        results = prefill.step()
+        assert time.monotonic() < deadline, "the hand-off did not end within 30 s"
+        results = [r for r in prefill.step() if isinstance(r, PrefillResult)]
     assert results[0].error and "KV transfer failed" in results[0].error
     ticket = decode.reserve("e", batch[0], GREEDY)
     decode.engine.abort_request("e")

@@ -25,6 +25,12 @@ from disagg_harness import WorkerProcess, make_engine  # noqa: E402
 from pdray import LLM, SamplingParams  # noqa: E402
 from pdray.disagg.decode import DecodeWorker  # noqa: E402
 from pdray.disagg.prefill import PrefillWorker  # noqa: E402
+from pdray.engine.role_worker import (  # noqa: E402
+    FailureKind,
+    PrefillResult,
+    RequestFailed,
+    ends_stream,
+)
 from pdray.kv_transfer.base import FailurePolicy, LayerChunk  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -77,11 +83,11 @@ def _run_to_end(request_id, prompt, reserve, submit, step_prefill, step_decode):
     outputs, results = [], []
 
     def step_both():
-        results.extend(step_prefill())
+        results.extend(r for r in step_prefill() if isinstance(r, PrefillResult))
         outputs.extend(step_decode())
 
     def done():
-        return any(r.error for r in results) or any(o.finished for o in outputs)
+        return any(r.error for r in results) or any(ends_stream(o) for o in outputs)
 
     _until(done, 30, step_both)
     assert [(r.request_id, r.error) for r in results] == [(request_id, None)]
@@ -143,16 +149,17 @@ def test_prefill_killed_mid_transfer(path, want, policy):
 
         m = receiver.metrics
         assert m.completed == 1 and m.expired_leases + m.failures == 1, m
+        failed = [item for item in outputs if isinstance(item, RequestFailed)]
         if policy is FailurePolicy.RECOMPUTE:
-            assert decode.events == []
+            assert failed == []
             [final] = [o for o in outputs if o.finished]
             assert final.request_id == "p"
             assert final.outputs[0].token_ids == want  # prefilled again on decode
         else:
-            assert outputs == []
-            [event] = decode.events
-            assert (event.request_id, event.kind) == ("p", "failed")
-            assert re.search(r"lease expired|connection", event.reason), event.reason
+            [event] = outputs
+            assert isinstance(event, RequestFailed) and event.request_id == "p"
+            assert event.error.kind is FailureKind.FAILED
+            assert re.search(r"lease expired|connection", event.error.reason), event.error.reason
         assert receiver.num_live == 0 and not decode.pending
         assert engine.num_free_blocks == baseline
         assert not engine.requests
@@ -183,7 +190,7 @@ def test_decode_killed_mid_transfer(path, want):
 
         ticket = doomed.call("reserve", "d", PROMPT, GREEDY)
         prefill.submit("d", PROMPT, GREEDY, ticket)
-        assert prefill.step() == []  # 8 of 60 prompt tokens
+        assert prefill.step() == []  # 8 of 60 prompt tokens: no first token yet
         prefill.transport.flush("decode-doomed", 10)  # their KV reached the decode engine
         assert engine.num_free_blocks < baseline
         num_free, num_blocks, _ = doomed.call("blocks")
@@ -192,7 +199,9 @@ def test_decode_killed_mid_transfer(path, want):
 
         results = []
         took_s = _until(
-            lambda: results, FLUSH_TIMEOUT_S + 15, lambda: results.extend(prefill.step())
+            lambda: results,
+            FLUSH_TIMEOUT_S + 15,
+            lambda: results.extend(r for r in prefill.step() if isinstance(r, PrefillResult)),
         )
         [result] = results
         assert result.request_id == "d" and result.output is None

@@ -1,0 +1,124 @@
+"""The client's view of one PD attempt: the first token from prefill, the rest from decode.
+
+  prefill stream   the first-token RequestOutput as soon as prefill samples it, then its
+                   PrefillResult (the hand-off's outcome)
+  decode stream    from admission (its first output repeats the first token) to the finished
+                   output, or an error
+
+Both are read at once, so whichever side has the first token delivers it (decode does when it
+recomputed the prompt after a failed hand-off). `SentTokens` lets through only outputs that add
+to what the client already has, so no token is sent twice, and raises `StreamDiverged` if an
+output contradicts it (a recompute or retry that sampled differently: unseeded random sampling).
+A prefill error never ends the attempt: decode's failure policy (lease, recompute, retry, fail)
+decides; it is reported through `on_prefill_end`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from pdray.engine.role_worker import PrefillResult
+from pdray.outputs import RequestOutput
+from pdray.sampling_params import SamplingParams
+
+
+class StreamDiverged(RuntimeError):
+    """An output contradicts tokens the client already has."""
+
+
+class SentTokens:
+    """Token ids of each choice the client has been sent."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[int, list[int]] = {}
+
+    @property
+    def most(self) -> int:
+        """Tokens sent of the longest choice."""
+        return max((len(t) for t in self._tokens.values()), default=0)
+
+    def admit(self, output: RequestOutput) -> bool:
+        """Whether `output` (cumulative) adds tokens or ends the request; records what it adds."""
+        grows = output.finished
+        for choice in output.outputs:
+            sent = self._tokens.get(choice.index, [])
+            common = min(len(sent), len(choice.token_ids))
+            if list(choice.token_ids[:common]) != sent[:common]:
+                raise StreamDiverged(
+                    f"choice {choice.index}: token {common and sent[common - 1]} differs from the "
+                    "one already streamed (the request was recomputed with unseeded sampling); "
+                    "it cannot continue consistently"
+                )
+            if len(choice.token_ids) > len(sent):
+                self._tokens[choice.index] = list(choice.token_ids)
+                grows = True
+        return grows
+
+
+def completes_request(output: RequestOutput, params: SamplingParams) -> bool:
+    """A prefill engine's first-token output that already ends every choice (a stop, or
+    max_tokens reached), so decode has nothing to add."""
+    return all(
+        c.finish_reason == "stop"
+        or (c.finish_reason is not None and len(c.token_ids) >= (params.max_tokens or 1 << 62))
+        for c in output.outputs
+    )
+
+
+_END = object()
+
+
+async def _pump(name: str, items: AsyncIterator, queue: asyncio.Queue) -> None:
+    try:
+        async for item in items:
+            await queue.put((name, item))
+    except Exception as e:
+        await queue.put((name, e))
+    await queue.put((name, _END))
+
+
+async def pd_outputs(
+    prefill: AsyncIterator,
+    decode: AsyncIterator[RequestOutput],
+    params: SamplingParams,
+    sent: SentTokens,
+    on_prefill_end: Callable[[PrefillResult | Exception], None],
+) -> AsyncIterator[RequestOutput]:
+    """The client's outputs of one attempt; decode's errors raise, prefill's go to on_prefill_end."""
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [
+        asyncio.ensure_future(_pump("prefill", prefill, queue)),
+        asyncio.ensure_future(_pump("decode", decode, queue)),
+    ]
+    try:
+        while True:
+            source, item = await queue.get()
+            if source == "decode":
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                if sent.admit(item):
+                    yield item
+                    if item.finished:
+                        return
+            elif isinstance(item, RequestOutput):
+                if completes_request(item, params):
+                    item.finished = True
+                if sent.admit(item):
+                    yield item
+                    if item.finished:
+                        return
+            elif item is not _END:
+                on_prefill_end(item)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for items in (prefill, decode):
+            with contextlib.suppress(BaseException):
+                await items.aclose()
