@@ -4,7 +4,9 @@ Ray serves them on every node's metrics export port in Prometheus text, each nam
 `ray_` (counters also get `_total`); the Ray dashboard's Grafana and any Prometheus scrape them
 there. Recording stays in the process (Ray ships values to the node's agent in the background),
 so nothing here makes a remote call, and nothing runs per token:
-  router   per request: TTFT, time per output token, end-to-end latency, final status;
+  router   per request: TTFT, time per output token, end-to-end latency, final status, and the
+           spans of a PD request's first two tokens (`Span`; `pdray_request_span_seconds`,
+           tag `span`), also returned to the client in the final usage (`pdray_spans_s`);
            per pick: one routing decision (picked, failed, or no_instance when it answers 503)
   replica  per heartbeat (every scheduler_ttl_s / 3): waiting and running requests, queued
            prompt tokens, KV cache usage, and what its KV transfer counters grew by since the
@@ -40,6 +42,22 @@ class RequestStatus(str, enum.Enum):
     INVALID = "invalid"  # a bad request the engine refused (HTTP 400)
     NO_CAPACITY = "no_capacity"  # no instance could take it (HTTP 503)
     ERROR = "error"  # an instance failed, e.g. died after streaming tokens (HTTP 500)
+
+
+class Span(str, enum.Enum):
+    """Where a PD request's time to first (and second) token goes. Router spans are measured
+    from the router receiving the request; the others on the instance, as durations."""
+
+    RESERVED = "reserved"  # router: decode answered `reserve`
+    FIRST_TOKEN = "first_token"  # router: the first token arrived (from prefill)
+    SECOND_TOKEN = "second_token"  # router: the second token arrived (from decode)
+    PREFILL_QUEUE = "prefill_queue"  # prefill: submitted -> first scheduled
+    PREFILL_FIRST_TOKEN = "prefill_first_token"  # prefill: submitted -> first token sampled
+    DECODE_ADMITTED = "decode_admitted"  # decode: reserved -> KV complete and admitted
+
+
+SPAN_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                     0.5, 0.75, 1, 2, 5, 10, 30]  # fmt: skip
 
 
 class RoutingOutcome(str, enum.Enum):
@@ -79,6 +97,12 @@ def _metrics() -> SimpleNamespace:
             "Time from the router receiving a request to its last token (finished ones).",
             E2E_BOUNDARIES_S,
         ),
+        span=Histogram(
+            "pdray_request_span_seconds",
+            description="Spans of a PD request's first two tokens (see deployments/metrics.Span).",
+            boundaries=SPAN_BOUNDARIES_S,
+            tag_keys=(*_TAGS, "span"),
+        ),
         requests=counter("pdray_requests", "Requests ended, by status.", "status"),
         routing=counter("pdray_routing_decisions", "Instance picks by the router.", "outcome"),
         waiting=gauge("pdray_waiting_requests", "Requests queued on a replica, not running."),
@@ -108,6 +132,21 @@ class RequestTrace:
     num_tokens: int = 0
     role: str = ""  # the instance streaming the tokens: decode or mixed
     replica: str = ""
+    spans: dict[Span, float] = field(default_factory=dict)
+
+    def mark(self, span: Span) -> None:
+        """The router reached `span` now."""
+        self.spans.setdefault(span, time.monotonic() - self.start_s)
+
+    def observe(self, source: str, output: RequestOutput) -> None:
+        """An instance's output (passed on to the client or not): take its own spans."""
+        metrics = output.metrics
+        if source == "prefill" and "ttft_s" in metrics:
+            self.spans.setdefault(Span.PREFILL_FIRST_TOKEN, metrics["ttft_s"])
+            if "queue_s" in metrics:
+                self.spans.setdefault(Span.PREFILL_QUEUE, metrics["queue_s"])
+        elif source == "decode" and "ttft_s" in metrics:
+            self.spans.setdefault(Span.DECODE_ADMITTED, metrics["ttft_s"])
 
     def on_output(self, output: RequestOutput) -> None:
         num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
@@ -115,8 +154,16 @@ class RequestTrace:
             now_s = time.monotonic()
             if self.first_token_s is None:
                 self.first_token_s = now_s
+                self.mark(Span.FIRST_TOKEN)
+            if self.num_tokens < 2 <= num_tokens:
+                self.mark(Span.SECOND_TOKEN)
             self.last_token_s = now_s
             self.num_tokens = num_tokens
+        if output.finished and self.spans:  # the client gets them with the usage
+            output.metrics = {
+                **output.metrics,
+                **{f"span:{k.value}": v for k, v in self.spans.items()},
+            }
 
     def record(self, status: RequestStatus) -> None:
         m = _metrics()
@@ -129,6 +176,9 @@ class RequestTrace:
         if status in (RequestStatus.STOP, RequestStatus.LENGTH) and self.last_token_s:
             m.e2e.observe(self.last_token_s - self.start_s, tags)
         m.requests.inc(1, {**tags, "status": status.value})
+        if Span.RESERVED in self.spans:  # a PD request
+            for span, value_s in self.spans.items():
+                m.span.observe(value_s, {**tags, "span": span.value})
 
 
 def record_routing(role: str, replica: str, outcome: RoutingOutcome) -> None:

@@ -33,7 +33,13 @@ from typing import Any
 from ray import serve
 
 from deployments.args import AppArgs
-from deployments.metrics import RequestStatus, RequestTrace, RoutingOutcome, record_routing
+from deployments.metrics import (
+    RequestStatus,
+    RequestTrace,
+    RoutingOutcome,
+    Span,
+    record_routing,
+)
 from deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
 from pdray.config import Role
 from pdray.disagg.client_stream import SentTokens, pd_outputs
@@ -253,6 +259,7 @@ class PDBackend:
         )
         if ticket is None:
             raise _InstanceFull(decode)
+        trace.mark(Span.RESERVED)
         prefill_items = (
             self._handle(Role.PREFILL)
             .options(stream=True)
@@ -267,7 +274,7 @@ class PDBackend:
         )
         async for output in pd_outputs(
             prefill_items, _guard(decode_outputs, decode), params, sent,
-            functools.partial(_log_prefill_end, attempt_id),
+            functools.partial(_log_prefill_end, attempt_id), trace.observe,
         ):  # fmt: skip
             yield output
 

@@ -48,6 +48,7 @@ from pdray.bench.serve_metrics import (
     parse_goodput,
     parse_percentiles,
     per_request_lists,
+    span_breakdown,
 )
 from pdray.bench.serve_results import print_result, save_results
 
@@ -165,6 +166,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--result-filename", help="JSON file name (a sweep adds -<rate>qps)")
     out.add_argument("--no-plots", action="store_true", help="with --save-result, skip the PNGs")
     out.add_argument("--disable-tqdm", action="store_true")
+    out.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="print where TTFT goes (spans a PD deployment reports in its usage)",
+    )
     return p.parse_args(argv)
 
 
@@ -356,6 +362,7 @@ async def run_rate(
         "seed": args.seed,
         "goodput": {m.value: v for m, v in options.slos_ms.items()} or None,
         **metrics,
+        "span_breakdown": span_breakdown(results),
         **per_request_lists(results),
     }
 
@@ -370,7 +377,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         results = []
         for rate in options.rates:
             result = await run_rate(client, endpoint, requests, rate, args, options)
-            print_result(result, options.metrics, options.percentiles)
+            print_result(result, options.metrics, options.percentiles, args.breakdown)
             results.append(result)
     if args.save_result:
         save_results(

@@ -175,6 +175,7 @@ async def _stream(
     result.latency_s = last - start
     output_tokens, prompt_tokens = usage.get("completion_tokens"), usage.get("prompt_tokens")
     result.output_tokens = num_chunks if output_tokens is None else int(output_tokens)
+    result.spans_s = usage.get("pdray_spans_s") or {}
     result.prompt_len = request.prompt_len if prompt_tokens is None else int(prompt_tokens)
 
 

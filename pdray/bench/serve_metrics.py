@@ -44,6 +44,7 @@ class RequestResult:
     latency_s: float = 0.0  # E2E
     generated_text: str = ""
     error: str = ""
+    spans_s: dict[str, float] = field(default_factory=dict)  # a PD server's usage.pdray_spans_s
 
     @property
     def tpot_s(self) -> float:
@@ -183,3 +184,21 @@ def results_from_lists(lists: dict[str, Any]) -> list[RequestResult]:
             strict=True,
         )
     ]
+
+
+def span_breakdown(results: list[RequestResult]) -> dict[str, dict[str, float]]:
+    """Median and p99 (ms) of each span a PD server reported (usage.pdray_spans_s), over the
+    successful requests that reported it; {} for servers that report none."""
+    by_span: dict[str, list[float]] = {}
+    for r in results:
+        if r.success:
+            for span, value_s in r.spans_s.items():
+                by_span.setdefault(span, []).append(value_s * 1000)
+    return {
+        span: {
+            "count": len(values),
+            "median_ms": float(np.median(values)),
+            "p99_ms": float(np.percentile(values, 99)),
+        }
+        for span, values in sorted(by_span.items(), key=lambda kv: np.median(kv[1]))
+    }

@@ -16,7 +16,12 @@ SECTION_TITLES = {
 }
 
 
-def print_result(result: dict[str, Any], metrics: list[Metric], percentiles: list[float]) -> None:
+def print_result(
+    result: dict[str, Any],
+    metrics: list[Metric],
+    percentiles: list[float],
+    breakdown: bool = False,
+) -> None:
     rows: list[tuple[str, Any]] = [
         ("Successful requests", result["completed"]),
         ("Failed requests", result["failed"]),
@@ -42,11 +47,23 @@ def print_result(result: dict[str, Any], metrics: list[Metric], percentiles: lis
             lines.append(
                 f"{f'{stat.capitalize()} {name} (ms):':<40} {_fmt(result[f'{stat}_{m}_ms'])}"
             )
+    lines += _breakdown_lines(result.get("span_breakdown") or {}) if breakdown else []
     lines.append("=" * 50)
     errors = sorted({e for e in result["errors"] if e})
     if errors:
         lines.append(f"{len(errors)} distinct error(s), e.g.: {errors[0]}")
     print("\n".join(lines), flush=True)
+
+
+def _breakdown_lines(spans: dict[str, dict[str, float]]) -> list[str]:
+    """Where time to first token goes (a PD server's spans: deployments/metrics.Span)."""
+    lines = ["{s:{c}^50}".format(s="TTFT breakdown (PD spans, ms)", c="-")]
+    if not spans:
+        return [*lines, "(the server reported no spans: not a PD deployment)"]
+    lines.append(f"{'span':<24} {'median':>8} {'p99':>8} {'count':>6}")
+    for span, s in spans.items():
+        lines.append(f"{span:<24} {s['median_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['count']:>6}")
+    return lines
 
 
 def _fmt(value: Any) -> str:

@@ -85,8 +85,10 @@ async def pd_outputs(
     params: SamplingParams,
     sent: SentTokens,
     on_prefill_end: Callable[[PrefillResult | Exception], None],
+    observe: Callable[[str, RequestOutput], None] | None = None,
 ) -> AsyncIterator[RequestOutput]:
-    """The client's outputs of one attempt; decode's errors raise, prefill's go to on_prefill_end."""
+    """The client's outputs of one attempt; decode's errors raise, prefill's go to on_prefill_end.
+    `observe(source, output)` sees every output of either side, passed on or not."""
     queue: asyncio.Queue = asyncio.Queue()
     tasks = [
         asyncio.ensure_future(_pump("prefill", prefill, queue)),
@@ -95,6 +97,8 @@ async def pd_outputs(
     try:
         while True:
             source, item = await queue.get()
+            if observe is not None and isinstance(item, RequestOutput):
+                observe(source, item)
             if source == "decode":
                 if item is _END:
                     return

@@ -230,8 +230,13 @@ class LLMEngine:
         bs = self.config.block_size
         batch = StepBatch([], [], [], [], [], [], [], [], finished_seq_ids=self._finished_seq_ids)
         self._finished_seq_ids = []
+        now_s = time.monotonic()
         for i, item in enumerate(out.scheduled):
             seq, start = item.seq, item.seq.num_computed_tokens
+            if seq.num_output_tokens == 0:  # a prompt (chunk): when did it first run?
+                request = self._seq_to_request[seq.seq_id]
+                if request.scheduled_time_s is None:
+                    request.scheduled_time_s = now_s
             end = start + item.num_new_tokens
             batch.input_ids += seq.token_ids[start:end]
             batch.positions += range(start, end)

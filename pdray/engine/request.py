@@ -28,6 +28,7 @@ class Request:
     seqs: list[Sequence]
     states: list[SeqOutputState]
     arrival_time_s: float = field(default_factory=time.monotonic)
+    scheduled_time_s: float | None = None  # first scheduled for a forward
     first_token_time_s: float | None = None
 
     @property
@@ -50,6 +51,8 @@ class Request:
             for seq, state in zip(self.seqs, self.states, strict=True)
         ]
         metrics = {"arrival_time_s": self.arrival_time_s}
+        if self.scheduled_time_s is not None:
+            metrics["queue_s"] = self.scheduled_time_s - self.arrival_time_s
         if self.first_token_time_s is not None:
             metrics["ttft_s"] = self.first_token_time_s - self.arrival_time_s
         return RequestOutput(

@@ -84,6 +84,13 @@ def test_streamed_chat_equals_non_streamed(server):
             usage = chunk.usage
     assert text == whole.choices[0].message.content
     assert usage.completion_tokens == whole.usage.completion_tokens
+    # Where TTFT went (deployments/metrics.Span): the first token came from prefill, before
+    # decode's second one; the instance spans fit inside the router's.
+    spans = usage.model_extra["pdray_spans_s"]
+    assert set(spans) == {"reserved", "first_token", "second_token", "prefill_queue",
+                          "prefill_first_token", "decode_admitted"}  # fmt: skip
+    assert 0 < spans["reserved"] < spans["first_token"] < spans["second_token"]
+    assert 0 <= spans["prefill_queue"] < spans["prefill_first_token"] < spans["first_token"]
 
 
 @pytest.mark.parametrize(

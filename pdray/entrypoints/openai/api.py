@@ -424,6 +424,8 @@ def _usage(finals: list[RequestOutput | None]) -> UsageInfo:
     done = [out for out in finals if out is not None]
     prompt = sum(len(out.prompt_token_ids) for out in done)
     completion = sum(len(c.token_ids) for out in done for c in out.outputs)
+    spans = {k[5:]: v for out in done[:1] for k, v in out.metrics.items() if k.startswith("span:")}
     return UsageInfo(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        **({"pdray_spans_s": spans} if spans else {}),
+    )  # fmt: skip

@@ -224,6 +224,9 @@ def _now_s() -> int:
 
 
 class UsageInfo(BaseModel):
+    """OpenAI's usage; a PD request also reports `pdray_spans_s` (deployments/metrics.Span)."""
+
+    model_config = ConfigDict(extra="allow")
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
