@@ -90,16 +90,26 @@ class PDReplica:
         async for output in self.loop.stream(request_id, sink):
             yield output
 
-    async def prefill(self, request_id: str, prompt, params: dict, ticket: dict, replica_id=None):
+    async def prefill(
+        self,
+        request_id: str,
+        prompt,
+        params: dict,
+        ticket: dict | None,
+        replica_id: str | None = None,
+        ticket_follows: bool = False,
+    ):
         """Streams the first-token output as soon as it is sampled, then a PrefillResult once
-        the KV and first token are handed off (its `error` says why not)."""
+        the KV and first token are handed off (its `error` says why not). With
+        `ticket_follows`, the ticket comes through `attach` while the prompt computes."""
         self._check_target(replica_id)
         sink = AsyncSink()
+        ticket = None if ticket is None else Ticket(**ticket)
         try:
             await submit(
                 self.loop, request_id, sink,
                 lambda: self.worker.submit(
-                    request_id, prompt, params_from(params), Ticket(**ticket)
+                    request_id, prompt, params_from(params), ticket, ticket_follows=ticket_follows
                 ),
             )  # fmt: skip
         except Exception as e:
@@ -107,6 +117,14 @@ class PDReplica:
             return
         async for item in self.loop.stream(request_id, sink):
             yield item
+
+    async def attach(self, request_id: str, ticket: dict, replica_id: str | None = None) -> bool:
+        """Prefill: the decode ticket of a request submitted with `ticket_follows`."""
+        self._check_target(replica_id)
+        ticket = Ticket(**ticket)
+        return await asyncio.wrap_future(
+            self.loop.call(lambda: self.worker.attach(request_id, ticket))
+        )
 
     async def abort(self, request_id: str, replica_id: str | None = None) -> None:
         self._check_target(replica_id)

@@ -251,22 +251,28 @@ class PDBackend:
         placed = [(Role.DECODE, decode.instance_id), (Role.PREFILL, prefill.instance_id)]
         self._placed[request_id] = (attempt_id, placed)
         trace.role, trace.replica = Role.DECODE.value, decode.instance_id
-        ticket = await _call(
-            self._handle(Role.DECODE).reserve.remote(
-                attempt_id, prompt, params.to_dict(), replica_id=decode.instance_id
-            ),
-            decode,
+        # Without tensor parallelism, prefill starts computing while decode reserves; the
+        # ticket follows (`attach`), and the first token waits for it only if it is faster.
+        follows = self.args.prefill.tensor_parallel_size == 1
+        reserve = self._handle(Role.DECODE).reserve.remote(
+            attempt_id, prompt, params.to_dict(), replica_id=decode.instance_id
         )
+        prefill_call = self._handle(Role.PREFILL).options(stream=True).prefill
+        if follows:
+            prefill_items = prefill_call.remote(
+                attempt_id, prompt, params.to_dict(), None, replica_id=prefill.instance_id,
+                ticket_follows=True,
+            )  # fmt: skip
+        ticket = await _call(reserve, decode)
         if ticket is None:
-            raise _InstanceFull(decode)
+            raise _InstanceFull(decode)  # the cleanup aborts the prefill too
         trace.mark(Span.RESERVED)
-        prefill_items = (
-            self._handle(Role.PREFILL)
-            .options(stream=True)
-            .prefill.remote(
+        if follows:
+            self._spawn(self._attach(prefill, attempt_id, ticket))
+        else:
+            prefill_items = prefill_call.remote(
                 attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
             )
-        )
         decode_outputs = (
             self._handle(Role.DECODE)
             .options(stream=True)
@@ -277,6 +283,19 @@ class PDBackend:
             functools.partial(_log_prefill_end, attempt_id), trace.observe,
         ):  # fmt: skip
             yield output
+
+    async def _attach(self, prefill: InstanceRecord, attempt_id: str, ticket: dict) -> None:
+        """Hand decode's ticket to the prefill instance already computing the prompt; if that
+        fails, decode's lease and failure policy take over."""
+        call = self._handle(Role.PREFILL).attach.remote(
+            attempt_id, ticket, replica_id=prefill.instance_id
+        )
+        try:
+            if not await asyncio.wait_for(call, _RESERVE_TIMEOUT_S):
+                logger.warning("prefill of %s ended before its ticket came", attempt_id)
+        except Exception as e:
+            logger.warning("ticket of %s not attached on %s: %s", attempt_id,
+                           prefill.instance_id, _brief(e))  # fmt: skip
 
     async def _cleanup(self, request_id: str) -> None:
         """Abort the request's current attempt on its instances (idempotent)."""

@@ -5,6 +5,14 @@ Request lifecycle here:  submit(ticket) -> prefill steps (layer-wise KV streamin
 flush -> PrefillResult emitted, blocks released. On any error the ticket is aborted toward the
 receiver and the blocks are released; the decode side then applies its failure policy.
 
+A router that reserves on decode while this engine already computes submits with
+`ticket_follows=True` and sends the ticket with `attach` when decode answers: a ticket attached
+before the last prefill step streams layer by layer as usual (each step's chunks cover every
+block not yet sent); one that comes after the first token was sampled finds the request parked
+(blocks held), and the next step sends all its layers at once, then hands off. A parked request
+whose ticket does not come within `ticket_wait_s` is released with an error, so nothing is held
+forever.
+
 With tensor parallelism every rank sends the KV of its own heads: the other ranks' senders
 (pdray/disagg/tp_ranks.py) get each ticket, each step's plan and each hand-off from here, and the
 blocks are released only after every rank's hand-off was acknowledged.
@@ -13,12 +21,14 @@ blocks are released only after every rank's hand-off was acknowledged.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 from pdray.config import Role
 from pdray.disagg.tp_ranks import SenderRank, rank_transport
 from pdray.engine.llm_engine import LLMEngine
 from pdray.engine.role_worker import Emit, PrefillResult, StreamItem, collect
-from pdray.kv_transfer.base import KVTransport, Ticket, TransferError
+from pdray.kv_transfer.base import KVTransport, Ticket, TransferError, merge_runs
 from pdray.kv_transfer.sender import KVSender
 from pdray.outputs import RequestOutput
 from pdray.sampling_params import SamplingParams
@@ -29,13 +39,28 @@ logger = logging.getLogger(__name__)
 __all__ = ["PrefillResult", "PrefillWorker"]
 
 
+@dataclass
+class _Parked:
+    """A request whose first token was sampled before its ticket came: its blocks are held."""
+
+    output: RequestOutput
+    deadline_s: float  # time.monotonic()
+
+
 class PrefillWorker:
-    def __init__(self, engine: LLMEngine, transport: KVTransport, flush_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        transport: KVTransport,
+        flush_timeout_s: float = 30.0,
+        ticket_wait_s: float = 30.0,
+    ):
         if engine.config.role is not Role.PREFILL:
             raise ValueError("PrefillWorker needs an engine with role='prefill'")
         self.engine = engine
         self.transport = transport
         self.flush_timeout_s = flush_timeout_s
+        self.ticket_wait_s = ticket_wait_s
         runner = engine.runner
         self.layout = runner.kv_layout
         transport.register(runner.kv_cache, self.layout)
@@ -48,27 +73,75 @@ class PrefillWorker:
         self._planned = False
         engine.step_observer = self
         self.tickets: dict[str, Ticket] = {}
+        self.awaiting: set[str] = set()  # submitted with ticket_follows, no ticket yet
+        self.parked: dict[str, _Parked] = {}
+        self._late: list[str] = []  # parked requests whose ticket came: sent on the next step
+        self._early: dict[str, tuple[Ticket, float]] = {}  # attached before submitted
 
     def submit(
-        self, request_id: str, prompt, params: SamplingParams, ticket: Ticket | None
+        self,
+        request_id: str,
+        prompt,
+        params: SamplingParams,
+        ticket: Ticket | None,
+        *,
+        ticket_follows: bool = False,
     ) -> None:
-        """Queue a prompt. With a ticket its KV goes to that decode reservation; without one
-        the request only prefills (its output is the first token)."""
-        if ticket is not None and not ticket.receiver.layout.compatible_with(self.layout):
-            raise ValueError("the decode engine's KV layout differs from this prefill engine's")
+        """Queue a prompt. With a ticket its KV goes to that decode reservation; with
+        `ticket_follows` the ticket comes later through `attach`; with neither the request only
+        prefills (its output is the first token)."""
+        if ticket_follows and self.ranks is not None:
+            raise ValueError("ticket_follows needs a prefill engine without tensor parallelism")
         self.engine.add_request(request_id, prompt, params)
         if ticket is not None:
             try:
-                self.sender.add_ticket(ticket)
+                self._add_ticket(request_id, ticket)
             except Exception:
-                self.sender.forget([seq.seq_id for seq in ticket.seqs])
                 self.engine.abort_request(request_id)
                 raise
-            if self.ranks is not None:
-                self.ranks.broadcast("add_ticket", ticket, target="kv")
+        elif ticket_follows:
+            self.awaiting.add(request_id)
+            early = self._early.pop(request_id, None)
+            if early is not None:
+                self.attach(request_id, early[0])
+
+    def _add_ticket(self, request_id: str, ticket: Ticket) -> None:
+        if not ticket.receiver.layout.compatible_with(self.layout):
+            raise ValueError("the decode engine's KV layout differs from this prefill engine's")
+        try:
+            self.sender.add_ticket(ticket)
+        except Exception:
+            self.sender.forget([seq.seq_id for seq in ticket.seqs])
+            raise
+        if self.ranks is not None:
+            self.ranks.broadcast("add_ticket", ticket, target="kv")
+        self.tickets[request_id] = ticket
+
+    def attach(self, request_id: str, ticket: Ticket) -> bool:
+        """The ticket of a request submitted with `ticket_follows`. False if the request is gone
+        (aborted, or released after waiting too long): decode's lease then frees its blocks."""
+        if request_id not in self.awaiting and request_id not in self.parked:
+            if request_id in self.engine.requests or request_id in self.tickets:
+                return False  # it has a ticket already
+            # The ticket overtook the submit (two calls to this replica): keep it a while.
+            now_s = time.monotonic()
+            self._early = {k: v for k, v in self._early.items() if v[1] > now_s}
+            self._early[request_id] = (ticket, now_s + self.ticket_wait_s)
+            return True
+        self.awaiting.discard(request_id)
+        try:
+            self._add_ticket(request_id, ticket)
+        except TransferError as e:  # the hand-off reports it and tells decode
+            logger.warning("KV receiver of %s unreachable: %s", request_id, e)
             self.tickets[request_id] = ticket
+        if request_id in self.parked:
+            self._late.append(request_id)
+        return True
 
     def abort(self, request_id: str, reason: str = "aborted by client") -> RequestOutput | None:
+        self.awaiting.discard(request_id)
+        if self.parked.pop(request_id, None) is not None:
+            self.engine.release(request_id)
         ticket = self.tickets.pop(request_id, None)
         if ticket is not None:
             self.sender.abort(ticket, reason)
@@ -94,19 +167,59 @@ class PrefillWorker:
         Without `emit`, returns what it emitted."""
         if emit is None:
             return collect(self.step)
+        self._send_late(emit)
+        self._expire_parked(emit)
+        if not self.engine.scheduler.has_work:
+            return None
         done = [out for out in self.engine.step() if out.finished]
         for out in done:
             out.finished = False
             emit(out.request_id, out)
         for out in done:
-            emit(out.request_id, self._hand_off(out))
+            if out.request_id in self.awaiting:  # its ticket has not come yet: hold the blocks
+                self.awaiting.discard(out.request_id)
+                deadline_s = time.monotonic() + self.ticket_wait_s
+                self.parked[out.request_id] = _Parked(out, deadline_s)
+            else:
+                emit(out.request_id, self._hand_off(out))
         return None
+
+    def _send_late(self, emit: Emit) -> None:
+        """Parked requests whose ticket came: every layer of their prompt blocks in one chunk,
+        then the hand-off."""
+        late, self._late = self._late, []
+        for request_id in late:
+            parked = self.parked.pop(request_id, None)
+            ticket = self.tickets.get(request_id)
+            if parked is None or ticket is None:
+                continue
+            wire = []
+            block_size = self.layout.block_size
+            num_blocks = -(-len(parked.output.prompt_token_ids) // block_size)
+            for seq in ticket.seqs:
+                table = self.engine.held_block_table(seq.seq_id)
+                start, end = seq.num_cached_tokens // block_size, num_blocks
+                runs = merge_runs(table[start:end], seq.block_table[start:end])
+                wire.append((seq.seq_id, [(r.src, r.dst, r.num_blocks) for r in runs], end))
+            self.sender.set_plan(wire)
+            self.sender.on_layer(0, self.layout.num_layers)
+            self.sender.end_step()
+            emit(request_id, self._hand_off(parked.output))
+
+    def _expire_parked(self, emit: Emit) -> None:
+        now_s = time.monotonic()
+        for request_id, parked in list(self.parked.items()):
+            if now_s > parked.deadline_s and request_id not in self._late:
+                del self.parked[request_id]
+                self.engine.release(request_id)
+                why = f"no decode ticket came within ticket_wait_s={self.ticket_wait_s:g} s"
+                emit(request_id, PrefillResult(request_id, None, why))
 
     def has_runnable_work(self) -> bool:
-        return self.engine.has_unfinished_requests()
+        return self.engine.scheduler.has_work or bool(self._late)
 
     def next_deadline_s(self) -> float | None:
-        return None
+        return min((p.deadline_s for p in self.parked.values()), default=None)
 
     def _hand_off(self, out: RequestOutput) -> PrefillResult:
         request_id = out.request_id
@@ -144,7 +257,7 @@ class PrefillWorker:
             self.ranks.broadcast("forget", [s.seq_id for s in ticket.seqs], target="kv")
 
     def has_work(self) -> bool:
-        return self.engine.has_unfinished_requests()
+        return self.engine.scheduler.has_work or bool(self.parked)
 
     def close(self) -> None:
         for request_id in list(self.tickets):

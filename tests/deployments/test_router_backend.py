@@ -60,6 +60,7 @@ class FakeInstances:
         self.fails = fails or {}  # decode instance -> exception its stream raises
         self.first = first or {}  # decode instance -> first token it recomputed (default 7)
         self.hold_decode: asyncio.Event | None = None  # decode streams once it is set
+        self.attached: list[str] = []
 
     def options(self, **_):
         return self
@@ -76,7 +77,10 @@ class FakeInstances:
         self.reserved.append(replica_id)
         return {"ticket": request_id}
 
-    async def _prefill(self, replica_id, request_id, prompt, params, ticket):
+    async def _prefill(self, replica_id, request_id, prompt, params, ticket, ticket_follows=False):
+        assert (
+            ticket is None
+        ) == ticket_follows  # the ticket comes with the call or through attach
         yield _out(request_id, [7], None)
         yield PrefillResult(request_id, None)
 
@@ -88,6 +92,10 @@ class FakeInstances:
             await self.hold_decode.wait()
         yield _out(request_id, [first], None)  # admission: the first token again
         yield _out(request_id, [first, 8], "length")
+
+    async def _attach(self, replica_id, request_id, ticket):
+        self.attached.append(request_id)
+        return True
 
     async def _abort(self, replica_id, request_id):
         return None
@@ -264,6 +272,7 @@ def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url):
         decode.hold_decode.set()
         rest = [o async for o in stream]
         assert _tokens([first, *rest]) == [[7], [7, 8]]  # decode's admission output dropped
+        assert backend._handles[Role.PREFILL].attached == ["r"]  # prefill got decode's ticket
         await backend.snapshot.stop()
 
     asyncio.run(main())
