@@ -1,8 +1,8 @@
 """`ucx` transport: KV over UCX (ucxx) between processes and nodes; host buffers over TCP on CPU.
 
-Every UcxTransport of a process shares one UCX context and one event-loop thread ("pdray-ucx"),
-where all ucxx calls run; engine threads only post work to it. UCX options (NET_DEVICES, ...)
-are fixed by the first transport of the process.
+Every UcxTransport of a process shares one UCX context and one event-loop thread ("pdray-ucx",
+`ucx_runtime`), where all ucxx calls run; engine threads only post work to it. UCX options
+(NET_DEVICES, ...) are fixed by the first transport of the process.
 
   receiver  listen() -> UCX listener on `port` (all interfaces; `host` is the address advertised)
             per incoming endpoint, in order: frame -> header -> [LayerChunk: each run's K and V
@@ -22,12 +22,10 @@ a LayerChunk one contiguous message per payload tensor.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import base64
 import concurrent.futures
 import json
 import logging
-import os
 import socket
 import struct
 import threading
@@ -49,12 +47,7 @@ from pdray.kv_transfer.base import (
     TransferError,
     TransportKind,
 )
-
-os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets variables this UCX never reads
-try:
-    import ucxx
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("the ucx KV transport needs ucxx: pip install 'pdray[ucx]'") from e
+from pdray.kv_transfer.ucx_runtime import default_host, get_runtime, is_exiting, ucxx
 
 logger = logging.getLogger(__name__)
 
@@ -90,74 +83,6 @@ def _wire(t: torch.Tensor) -> torch.Tensor | np.ndarray:
     return flat if flat.is_cuda else flat.numpy()
 
 
-def _default_host(net_devices: list[str] | None) -> str:
-    for device in net_devices or []:
-        try:
-            return ucxx.get_address(ifname=device.split(":")[0])
-        except OSError:
-            pass
-    try:
-        return ucxx.get_address()
-    except OSError:
-        return "127.0.0.1"
-
-
-class _Runtime:
-    """The process's UCX context and the thread whose asyncio loop runs every ucxx call."""
-
-    def __init__(self, options: dict[str, str]):
-        self.options = options
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="pdray-ucx", daemon=True).start()
-        try:
-            self.run(self._init(), 60.0, "UCX initialisation")
-        except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            raise
-
-    async def _init(self) -> None:
-        # python futures: requests complete through a notifier thread instead of a busy loop
-        ucxx.init(options=self.options, progress_mode="thread", enable_python_future=True)
-        self.worker = ucxx.core._get_ctx().worker
-
-    def run(self, coro, timeout_s: float, what: str):
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            if future.done():  # the coroutine's own timeout (the same class since Python 3.11)
-                raise
-            future.cancel()
-            raise TransferError(f"{what} timed out after {timeout_s:g} s") from None
-
-
-_runtime: _Runtime | None = None
-_runtime_lock = threading.Lock()
-_exiting = False
-
-
-@atexit.register
-def _mark_exiting() -> None:  # connections cut by interpreter exit are no news
-    global _exiting
-    _exiting = True
-
-
-def _get_runtime(options: dict[str, str]) -> _Runtime:
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            try:
-                _runtime = _Runtime(options)
-            except ucxx.exceptions.UCXError as e:
-                raise ValueError(f"UCX rejected the options {options}: {e}") from e
-        elif options and options != _runtime.options:
-            raise ValueError(
-                f"UCX is already set up in this process with {_runtime.options}; every "
-                f"UcxTransport of a process shares it, so {options} cannot apply"
-            )
-        return _runtime
-
-
 @dataclass(eq=False)
 class _Peer:
     descriptor: KVDescriptor
@@ -186,8 +111,8 @@ class UcxTransport(KVTransport):
         options = {k.removeprefix("UCX_"): str(v) for k, v in (ucx_options or {}).items()}
         if net_devices:
             options["NET_DEVICES"] = ",".join(net_devices)
-        self._rt = _get_runtime(options)
-        self.host = host or _default_host(net_devices)
+        self._rt = get_runtime(options)
+        self.host = host or default_host(net_devices)
         self.port = port
         self.connect_timeout_s = connect_timeout_s
         self._layout: KVLayout | None = None
@@ -394,7 +319,7 @@ class UcxTransport(KVTransport):
         peer.error = (
             f"UCX KV peer {peer.descriptor.engine_id!r} at {peer.descriptor.address}: {reason}"
         )
-        if not (self._closing or _exiting):
+        if not (self._closing or is_exiting()):
             logger.warning("%s", peer.error)
         for _, waiter in peer.waiters:
             if not waiter.done():
