@@ -14,13 +14,18 @@ bandwidth  A Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head_dim 128, bf
            the sender hands the prompt's written blocks to KVSender -> CudaIpcTransport ->
            KVReceiver (all layers at once, as when a prompt's KV is complete; and, for 8k, layer
            by layer with no compute between layers to hide the per-layer cost), hands off and
-           flushes. GB/s = bytes moved / (KV handed to the sender .. flush acknowledged), next to
-           copy rates measured in the same run on the same GPU: a plain large torch copy, a plain
-           copy of the same size, the same-size copy out of the IPC mapping, and the transfer's
-           own copy (all layers of the run) by torch's strided copy and by kernels.run_copy.
-           With two GPUs the plain copies run on the receiver's GPU and the rest cross GPUs;
-           besides, a plain peer copy (`dst.copy_(src)`, sender GPU -> receiver GPU, peer access
-           enabled both ways), large and of each transfer's size, and the transfer's ratios to it.
+           flushes. The decode blocks are contiguous, or, for `--fragmented-lengths`, every other
+           block (one block per run: the receiver's one gather/scatter per chunk must not care).
+           GB/s = bytes moved / (KV handed to the sender .. flush acknowledged), next to copy
+           rates measured in the same run on the same GPU: a plain large torch copy, a plain copy
+           of the same size, the same-size copy out of the IPC mapping, and the transfer's own
+           copy alone (all layers, K and V, of its blocks: one `kernels.kv_copy` launch out of
+           the IPC mapping; for contiguous blocks also torch's strided copy). Every case states
+           its ratios to the same-size D2D copy, and fragmented cases their ratio to the
+           contiguous case of the same length. With two GPUs the plain copies run on the
+           receiver's GPU and the rest cross GPUs; besides, a plain peer copy (`dst.copy_(src)`,
+           sender GPU -> receiver GPU, peer access enabled both ways), large and of each
+           transfer's size, and every case's ratios to it.
 ttft       dummy:llama3-8b prefill and decode engines in two processes (prefill on the sender's
            GPU, decode on the receiver's): an 8k prompt's time to first token at the decode side
            with layer-wise streaming, with the whole transfer after the prefill, and the prefill
@@ -32,7 +37,7 @@ Every byte copied counts once (not read + write), on both sides of every ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import enum
 import itertools
 import json
 import multiprocessing as mp
@@ -43,6 +48,13 @@ from pathlib import Path
 import torch
 
 from pdray.bench.timing import device_median_ms
+from pdray.bench.transfer_ceilings import (
+    copy_alone,
+    enable_peer_access,
+    on_receiver,
+    ratios,
+    same_size_ceilings,
+)
 from pdray.bench.transfer_ttft import cuda_device, ttft
 from pdray.kv_transfer.base import Handoff, SeqTicket, Ticket
 
@@ -50,27 +62,17 @@ LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 MODEL = "dummy:llama3-8b"
 
 
+class DecodeBlocks(str, enum.Enum):
+    """How the decode side's blocks of a case lie."""
+
+    CONTIGUOUS = "contiguous"
+    FRAGMENTED = "fragmented: every other decode block"
+
+
 def _cache(num_blocks: int, random_fill: bool, device: torch.device | str) -> torch.Tensor:
     shape = (LAYERS, 2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     make = torch.randn if random_fill else torch.zeros
     return make(shape, dtype=torch.bfloat16, device=device)
-
-
-def _enable_peer_access(a: torch.device, b: torch.device) -> bool:
-    """Enables peer access between two GPUs both ways (the transport enables receiver -> sender,
-    torch's cross-device `copy_` sender -> receiver); False if either cannot reach the other
-    (a copy between them is then staged by the driver)."""
-    import cupy
-
-    runtime = cupy.cuda.runtime
-    possible = True
-    for device, peer in ((a.index, b.index), (b.index, a.index)):
-        if not runtime.deviceCanAccessPeer(device, peer):
-            possible = False
-            continue
-        with cupy.cuda.Device(device), contextlib.suppress(runtime.CUDARuntimeError):
-            runtime.deviceEnablePeerAccess(peer)  # raises if already enabled
-    return possible
 
 
 # -- bandwidth ---------------------------------------------------------------------------------
@@ -120,52 +122,14 @@ def _sender_main(conn, num_blocks: int, device: str = "cuda:0") -> None:
     transport.close()
 
 
-def _copy_ceilings(cache, mapped, plain_buffers, n: int, dst_start: int, peer_src=None) -> dict:
-    """GB/s of a plain copy and of a copy out of the IPC mapping, both of the transfer's size; and
-    of the transfer's own copy (all layers' K and V of one run) by torch's strided `copy_` and by
-    the receiver's kernel (`kernels.run_copy`). With `peer_src` (a buffer on the sender's GPU),
-    also of a plain peer copy of the transfer's size into the receiver's GPU."""
-    from kernels.run_copy import copy_run
-
-    num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
-    src, dst = (b[:num_bytes] for b in plain_buffers)
-    local = cache.view(-1).view(torch.uint8)[:num_bytes]
-    remote = mapped.view(-1).view(torch.uint8)[:num_bytes]
-    blocks = slice(dst_start, dst_start + n)
-
-    def gbps(copy) -> float:
-        return num_bytes / device_median_ms(copy, 10, warmup=1) / 1e6
-
-    ceilings = {
-        "d2d_same_size_gbps": gbps(lambda: dst.copy_(src)),
-        "ipc_same_size_gbps": gbps(lambda: local.copy_(remote)),
-        "ipc_torch_strided_copy_gbps": gbps(lambda: cache[:, :, blocks].copy_(mapped[:, :, :n])),
-        "ipc_run_copy_kernel_gbps": gbps(lambda: copy_run(cache[:, :, blocks], mapped[:, :, :n])),
-    }
-    if peer_src is not None:
-        peer = peer_src[:num_bytes]
-        ceilings["peer_same_size_gbps"] = gbps(lambda: dst.copy_(peer))
-    return ceilings
-
-
-def _on_receiver(run: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy on `device` of a run of the mapped sender cache, made as the receiver makes its
-    copies: by `kernels.run_copy` on the current GPU (the receiver's, whose context mapped the
-    sender's cache; torch would run its own kernels on the GPU the mapping's pointer names)."""
-    from kernels.run_copy import copy_run
-
-    out = torch.empty(run.shape, dtype=run.dtype, device=device)
-    copy_run(out, run)
-    return out
-
-
 def _headers_only(transport, cache, count: int = 1000) -> float:
     """Seconds per LayerChunk header through the transport alone (the receiver ignores them)."""
-    from pdray.kv_transfer.base import LayerChunk, run_payload
+    from pdray.kv_transfer.base import LayerChunk
+    from pdray.kv_transfer.payload import cache_payload
 
     chunk = LayerChunk(request_id="headers", generation=0, seq_id="headers", layer=0,
                        runs=[(0, 0, 1)])  # fmt: skip
-    payload = run_payload(cache, chunk)
+    payload = cache_payload(cache, chunk)
     start = time.perf_counter()
     for _ in range(count):
         transport.send("bench-receiver", chunk, payload)
@@ -178,8 +142,10 @@ def bandwidth(
     iters: int,
     sender_device: str | torch.device = "cuda:0",
     receiver_device: str | torch.device = "cuda:0",
+    fragmented_lengths: tuple[int, ...] = (8192,),
 ) -> dict:
-    """This process receives on `receiver_device`; a spawned process sends from `sender_device`."""
+    """This process receives on `receiver_device`; a spawned process sends from `sender_device`.
+    Cases: `lengths` contiguous, 8192 streamed layer by layer, `fragmented_lengths` fragmented."""
     from pdray.kv_transfer.cuda_ipc import CudaIpcTransport
     from pdray.kv_transfer.receiver import KVReceiver, TicketState
 
@@ -187,7 +153,7 @@ def bandwidth(
     two_gpus = sender_device != receiver_device
     torch.cuda.set_device(receiver_device)  # timing events and synchronize: the receiver's GPU
     pad = 64
-    num_blocks = max(max(lengths), 2 * 8192) // BLOCK + pad
+    num_blocks = max([*lengths, *(2 * n for n in fragmented_lengths), 8192]) // BLOCK + pad
     cache = _cache(num_blocks, random_fill=False, device=receiver_device)
     receiver = KVReceiver(cache)
     apply_s = [0.0]
@@ -213,15 +179,15 @@ def bandwidth(
     sender.start()
     if conn.recv() != "ready":
         raise RuntimeError("sender process failed to start")
-    largest = max(lengths) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
+    largest = max([*lengths, *fragmented_lengths, 8192]) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
     big_src = torch.empty(largest, dtype=torch.uint8, device=receiver_device).random_()
     big_dst = torch.empty_like(big_src)
     d2d_ms = device_median_ms(lambda: big_dst.copy_(big_src), 10, warmup=1)
     d2d_large_gbps = largest / d2d_ms / 1e6
     report = {"d2d_large_bytes": largest, "d2d_large_gbps": d2d_large_gbps, "cases": []}
-    peer_src = None
+    peer_src, peer_large_gbps = None, None
     if two_gpus:  # the events are recorded on the receiver's stream, which waits for the copy
-        peer_access = _enable_peer_access(receiver_device, sender_device)
+        peer_access = enable_peer_access(receiver_device, sender_device)
         peer_src = torch.empty_like(big_src, device=sender_device).random_()
         peer_ms = device_median_ms(lambda: big_dst.copy_(peer_src), 10, warmup=1)
         peer_large_gbps = largest / peer_ms / 1e6
@@ -232,16 +198,18 @@ def bandwidth(
             "peer_large_gbps": peer_large_gbps,
         }
     generations = itertools.count(1)
-    cases = [(n, False, False) for n in lengths] + [(8192, False, True), (8192, True, False)]
-    for num_tokens, fragmented, streamed in cases:
+    contiguous, fragmented = DecodeBlocks.CONTIGUOUS, DecodeBlocks.FRAGMENTED
+    cases = ([(n, contiguous, False) for n in lengths] + [(8192, contiguous, True)]
+             + [(n, fragmented, False) for n in fragmented_lengths])  # fmt: skip
+    same_size: dict[int, dict] = {}  # tokens -> plain copies of that size
+    for num_tokens, blocks, streamed in cases:
         n = num_tokens // BLOCK
         src = list(range(n))
-        dst = list(range(pad, pad + 2 * n, 2)) if fragmented else list(range(pad, pad + n))
+        dst = list(range(pad, pad + 2 * n, 2) if blocks is fragmented else range(pad, pad + n))
         times, applies, on_layer, messages, in_place, first_hop = [], [], [], [], [], []
-        layout = "fragmented: every other decode block" if fragmented else "contiguous"
         sent = "layer by layer" if streamed else "all layers at once"
-        for i in range(1 + (2 if fragmented else iters)):
-            request_id = f"bw-{num_tokens}-{layout[:4]}-{sent[:3]}-{i}"
+        for i in range(1 + iters):
+            request_id = f"bw-{num_tokens}-{blocks.name[:4]}-{sent[:3]}-{i}"
             ticket = Ticket(
                 request_id=request_id, generation=next(generations),
                 seqs=[SeqTicket(seq_id=f"{request_id}-0", block_table=dst, num_cached_tokens=0)],
@@ -264,13 +232,13 @@ def bandwidth(
                 first_hop.append(marks["first_message"] - started)
         mapped = transport.mapped_caches()[0]
         # src is blocks 0..n-1
-        sender_kv = _on_receiver(mapped[:, :, :n], cache.device) if two_gpus else mapped[:, :, src]
+        sender_kv = on_receiver(mapped, n, cache.device) if two_gpus else mapped[:, :, src]
         num_bytes = 2 * LAYERS * n * BLOCK * KV_HEADS * HEAD_DIM * 2
         case = {
             "tokens": num_tokens,
-            "layout": layout,
+            "layout": blocks.value,
             "sent": sent,
-            "runs_per_layer": n if fragmented else 1,
+            "runs_per_layer": n if blocks is fragmented else 1,
             "bytes": num_bytes,
             "exact": bool(torch.equal(cache[:, :, dst], sender_kv)),
             "transfer_ms": [t * 1e3 for t in times],
@@ -283,20 +251,17 @@ def bandwidth(
             "sender_on_layer_ms": statistics.median(on_layer) * 1e3,
             "chunk_messages": messages,
         }
-        if not (fragmented or streamed):
-            case |= _copy_ceilings(cache, mapped, (big_src, big_dst), n, pad, peer_src)
-            case["ratio_vs_d2d_same_size"] = case["transfer_gbps"] / case["d2d_same_size_gbps"]
-            case["ratio_vs_ipc_same_size"] = case["transfer_gbps"] / case["ipc_same_size_gbps"]
-            case["in_place_vs_d2d_same_size"] = case["in_place_gbps"] / case["d2d_same_size_gbps"]
-            if two_gpus:
-                peer_gbps = case["peer_same_size_gbps"]
-                case["ratio_vs_peer_same_size"] = case["transfer_gbps"] / peer_gbps
-                case["in_place_vs_peer_same_size"] = case["in_place_gbps"] / peer_gbps
-        case["ratio_vs_d2d_large"] = case["transfer_gbps"] / d2d_large_gbps
-        case["in_place_vs_d2d_large"] = case["in_place_gbps"] / d2d_large_gbps
-        if two_gpus:
-            case["ratio_vs_peer_large"] = case["transfer_gbps"] / peer_large_gbps
-            case["in_place_vs_peer_large"] = case["in_place_gbps"] / peer_large_gbps
+        if num_tokens not in same_size:
+            buffers = (big_src, big_dst)
+            same_size[num_tokens] = same_size_ceilings(cache, mapped, buffers, num_bytes, peer_src)
+        case |= same_size[num_tokens]
+        if not streamed:
+            case |= copy_alone(cache, mapped, src, dst, num_bytes)
+        case |= ratios(case, d2d_large_gbps, peer_large_gbps)
+        like = [c for c in report["cases"] if (c["tokens"], c["sent"]) == (num_tokens, sent)]
+        if blocks is fragmented and like:  # the contiguous case of the same length and sending
+            case["in_place_vs_contiguous"] = case["in_place_gbps"] / like[0]["in_place_gbps"]
+            case["transfer_vs_contiguous"] = case["transfer_gbps"] / like[0]["transfer_gbps"]
         report["cases"].append(case)
         print(json.dumps(case), flush=True)
     conn.send("headers")
@@ -314,6 +279,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="path of the JSON report")
     parser.add_argument("--lengths", default="1024,8192,32768", help="prompt lengths (tokens)")
+    parser.add_argument(
+        "--fragmented-lengths",
+        default="8192",
+        help="prompt lengths also sent into every other decode block ('' for none)",
+    )
     parser.add_argument("--iters", type=int, default=5, help="timed transfers per length")
     parser.add_argument("--ttft-tokens", type=int, default=8192)
     parser.add_argument("--ttft-rounds", type=int, default=3)
@@ -358,7 +328,10 @@ def main(argv: list[str] | None = None) -> None:
             "receiver": f"{receiver_device} ({torch.cuda.get_device_name(receiver_device)})",
         }
     lengths = [int(n) for n in args.lengths.split(",")]
-    report["bandwidth"] = bandwidth(lengths, args.iters, sender_device, receiver_device)
+    fragmented = tuple(int(n) for n in args.fragmented_lengths.split(",") if n)
+    report["bandwidth"] = bandwidth(
+        lengths, args.iters, sender_device, receiver_device, fragmented_lengths=fragmented
+    )
     output.write_text(json.dumps(report, indent=2))
     torch.cuda.empty_cache()
     if not args.skip_ttft:
@@ -371,17 +344,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"plain peer copy {bw['sender_device']} -> {bw['receiver_device']}: "
               f"{bw['peer_large_gbps']:.0f} GB/s (peer access: {bw['peer_access']})")  # fmt: skip
     for c in bw["cases"]:
-        same_size = (
-            f" x{c['ratio_vs_d2d_same_size']:.3f} of same-size D2D"
-            if "ratio_vs_d2d_same_size" in c
-            else ""
-        )
+        vs = f"x{c['in_place_vs_d2d_same_size']:.3f} of same-size D2D"
         if "in_place_vs_peer_same_size" in c:
-            same_size += f"; in place x{c['in_place_vs_peer_same_size']:.3f} of same-size peer"
+            vs += f", x{c['in_place_vs_peer_same_size']:.3f} of same-size peer"
+        if "in_place_vs_contiguous" in c:
+            vs += f", x{c['in_place_vs_contiguous']:.3f} of contiguous"
         print(f"{c['tokens']:>6} tokens {c['layout'][:10]:<10} {c['sent']:<18} "
-              f"in place {c['in_place_gbps']:7.1f} GB/s (1st msg +{c['first_message_after_ms']:.2f} ms) "
-              f"acked {c['transfer_gbps']:7.1f} GB/s  x{c['ratio_vs_d2d_large']:.3f} of D2D{same_size}  "
-              f"apply {c['receiver_apply_gbps']:.0f} GB/s  exact={c['exact']}")  # fmt: skip
+              f"in place {c['in_place_gbps']:7.1f} GB/s ({vs}; 1st msg "
+              f"+{c['first_message_after_ms']:.2f} ms) acked {c['transfer_gbps']:7.1f} GB/s "
+              f"(x{c['ratio_vs_d2d_same_size']:.3f} of same-size D2D) apply "
+              f"{c['receiver_apply_gbps']:.0f} GB/s  exact={c['exact']}")  # fmt: skip
     if "ttft" in report:
         t = report["ttft"]
         print(f"TTFT {t['prompt_tokens']} tokens ({t['attention_backend']}): "

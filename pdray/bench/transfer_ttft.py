@@ -85,7 +85,7 @@ def _traced_transport():
 
             return super().listen(engine_id, kv_cache, timed, layout)
 
-        def send(self, peer_id, message, payload) -> None:
+        def send(self, peer_id, message, payload=None) -> None:
             self.trace.append((type(message).__name__, time.monotonic()))
             super().send(peer_id, message, payload)
 

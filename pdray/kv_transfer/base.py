@@ -5,7 +5,8 @@ Data flow for one request (decode side owns the destination and decides what is 
   decode  reserve blocks under a lease -> Ticket(request_id, generation, destination blocks, deadline)
   prefill for each forward step, for each layer as soon as it is computed (consecutive layers that
           are ready together travel as one chunk):
-              LayerChunk(header: layers, runs of (src block, dst block, n)) + payload (K and V of the runs)
+              LayerChunk(header: layers, runs of (src block, dst block, n)) + KVPayload (where the
+              chunk's K and V are: the sender's cache and its block ids, or a packed buffer)
           after the first token: Handoff(first token, sampler state, number of chunks sent)
   decode  applies a chunk only while the ticket (request_id, generation) is live, under its lock;
           complete when the Handoff arrived and every chunk it counts was applied -> admit.
@@ -17,8 +18,10 @@ which re-shards the KV when the two sides use different tensor-parallel sizes; a
 heads, and each Handoff says how many prefill ranks send to that decode rank.
 
 A transport only moves (header, payload) from sender to receiver: `local` (same process),
-`ucx` (ucxx, across nodes or processes), `cuda_ipc` (payload stays in the sender's GPU memory and
-the receiver copies it through CUDA IPC). Fencing lives in the receiver, so it is the same for all.
+`ucx` (ucxx, across nodes or processes: the chunk's blocks packed into one buffer, one message),
+`cuda_ipc` (the KV stays in the sender's GPU memory and the receiver copies it through CUDA IPC).
+Whatever the fragmentation of the two block tables, the receiver applies a chunk with one
+gather/scatter (`kernels.kv_copy`). Fencing lives in the receiver, so it is the same for all.
 """
 
 from __future__ import annotations
@@ -170,8 +173,8 @@ class Ticket(BaseModel):
 
 
 class LayerChunk(BaseModel):
-    """Header of the KV of layers [layer, layer + num_layers) for one sequence's block runs; the
-    payload holds, per run, K and V of those layers: [num_layers, 2, n, block_size, Hkv, D]."""
+    """Header of the KV of layers [layer, layer + num_layers) for one sequence's block runs; its
+    payload (`KVPayload`) says where K and V of those layers and blocks are."""
 
     model_config = ConfigDict(extra="forbid")
     request_id: str
@@ -212,7 +215,39 @@ class TransferAbort(BaseModel):
 
 
 Message = LayerChunk | Handoff | TransferAbort
-OnMessage = Callable[[Message, list[torch.Tensor]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class KVPayload:
+    """Where a LayerChunk's K and V are, for the receiver's one gather/scatter: block `blocks[i]`
+    of `kv` holds the chunk's i-th (source, destination) block pair (`block_pairs` order), layers
+    [layer, layer + num_layers) of `kv` its layers, KV heads [heads[0], heads[1]) of `kv` its heads.
+
+    `kv` [layers, 2, blocks, block_size, heads, head_dim] is the sender's whole KV cache
+    (`payload.cache_payload`: local, and cuda_ipc through the IPC mapping) or a packed staging
+    buffer [num_layers, 2, n, block_size, heads, head_dim] (`payload.packed_payload`: ucx).
+    `blocks` is an int64 CPU tensor: the receiver checks it and moves it to its GPU together with
+    the destination blocks."""
+
+    kv: torch.Tensor
+    blocks: torch.Tensor
+    layer: int
+    num_layers: int
+    heads: tuple[int, int]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.numel()
+
+    @property
+    def num_bytes(self) -> int:
+        block_size, _, head_dim = self.kv.shape[3:]
+        num_heads = self.heads[1] - self.heads[0]
+        per_block = block_size * num_heads * head_dim * self.kv.element_size()
+        return self.num_layers * 2 * self.num_blocks * per_block
+
+
+OnMessage = Callable[[Message, KVPayload | None], None]
 
 
 @dataclass(slots=True)
@@ -245,15 +280,6 @@ def head_slice(chunk: LayerChunk, layout: KVLayout) -> slice:
     return slice(lo - start, hi - start)
 
 
-def run_payload(
-    kv_cache: torch.Tensor, chunk: LayerChunk, layout: KVLayout | None = None
-) -> list[torch.Tensor]:
-    """Views of `kv_cache` (of `layout`) holding the chunk's source runs: a sender's payload."""
-    layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
-    heads = slice(None) if layout is None else head_slice(chunk, layout)
-    return [kv_cache[layers, :, src : src + n, :, heads] for src, _, n in chunk.runs]
-
-
 class TransferError(RuntimeError):
     pass
 
@@ -263,12 +289,14 @@ class KVTransport(ABC):
 
     Receiver side: `listen(engine_id, kv_cache, on_message, layout)` starts delivering incoming
     messages to on_message (from a transport thread) and returns the descriptor peers connect
-    with. For LayerChunk, the payload is one tensor per run, [num_layers, 2, n, block_size, H, D]
-    (K and V of the chunk's layers and heads); the receiver copies them into its blocks. `layout`
-    (default `KVLayout.of(kv_cache)`) says which KV heads a tensor-parallel rank's cache holds.
-    Sender side: `register(kv_cache, layout)`, `connect(peer)`,
-    `send(peer_id, message, payload)` (may return before the bytes left), `flush(peer_id)` waits
-    until everything sent to that peer was delivered or raises TransferError.
+    with. A LayerChunk comes with one `KVPayload` (the sender's cache or a packed buffer that
+    holds the chunk's K and V, of all its layers, blocks and heads), which the receiver scatters
+    into its blocks with one kernel launch; other messages come with None. `layout` (default
+    `KVLayout.of(kv_cache)`) says which KV heads a tensor-parallel rank's cache holds.
+    Sender side: `register(kv_cache, layout)`, `connect(peer)`, `send(peer_id, message,
+    payload)` with the chunk's `cache_payload` (None for other messages; may return before the
+    bytes left), `flush(peer_id)` waits until everything sent to that peer was delivered or
+    raises TransferError.
     """
 
     kind: TransportKind
@@ -290,7 +318,7 @@ class KVTransport(ABC):
     def connect(self, peer: KVDescriptor) -> None: ...
 
     @abstractmethod
-    def send(self, peer_id: str, message: Message, payload: list[torch.Tensor]) -> None: ...
+    def send(self, peer_id: str, message: Message, payload: KVPayload | None = None) -> None: ...
 
     @abstractmethod
     def flush(self, peer_id: str, timeout_s: float) -> None: ...

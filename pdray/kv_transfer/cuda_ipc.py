@@ -3,9 +3,9 @@
 Only headers travel, as length-prefixed JSON frames over one TCP connection per (sender,
 receiver) pair on an OS-assigned port. The receiver maps the sender's whole KV-cache allocation
 once (CuPy `ipcOpenMemHandle` on the allocation base, plus the cache's offset in it) and, for each
-LayerChunk, hands `on_message` views of the mapped sender cache at the header's source blocks, so
-the receiver's copy into its own blocks is the only copy. A chunk's runs are re-merged on arrival
-(same block pairs, fewest runs), so block tables that descend on both sides cost one copy.
+LayerChunk, hands `on_message` the mapped sender cache with the header's source block ids as the
+payload (`cache_payload`), so the receiver's one gather/scatter into its own blocks, whatever the
+fragmentation of either block table, is the only copy.
 
 Connection lifecycle:
 
@@ -41,6 +41,7 @@ from pdray.kv_transfer.base import (
     Handoff,
     KVDescriptor,
     KVLayout,
+    KVPayload,
     KVTransport,
     LayerChunk,
     Message,
@@ -48,8 +49,8 @@ from pdray.kv_transfer.base import (
     TransferAbort,
     TransferError,
     TransportKind,
-    run_payload,
 )
+from pdray.kv_transfer.payload import cache_payload
 
 logger = logging.getLogger(__name__)
 
@@ -172,33 +173,6 @@ def _map_peer_cache(hello: dict, device: torch.device) -> tuple[torch.Tensor, Ca
             cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
     return cache, unmap
-
-
-def _coalesce(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """The same (src, dst) block pairs in the fewest runs. Senders merge only pairs that ascend on
-    both sides, but block tables often descend (engines free blocks in reverse), which would
-    otherwise cost two copies per block."""
-    merged: list[list[int]] = []
-    for src, dst, n in sorted(runs):
-        last = merged[-1] if merged else None
-        if last and src == last[0] + last[2] and dst == last[1] + last[2]:
-            last[2] += n
-        else:
-            merged.append([src, dst, n])
-    return [(src, dst, n) for src, dst, n in merged]
-
-
-def _views(cache: torch.Tensor, layout: KVLayout, chunk: LayerChunk) -> list[torch.Tensor] | None:
-    """The sender cache's runs of the chunk (its payload); None if out of range."""
-    num_layers, _, num_blocks = cache.shape[:3]
-    if not 0 <= chunk.layer <= chunk.layer + chunk.num_layers <= num_layers:
-        return None
-    if any(n < 1 or src < 0 or src + n > num_blocks for src, _, n in chunk.runs):
-        return None
-    try:
-        return run_payload(cache, chunk, layout)
-    except ValueError:  # heads the sender does not hold
-        return None
 
 
 # -- sender side -----------------------------------------------------------------------------------
@@ -361,17 +335,15 @@ class CudaIpcTransport(KVTransport):
                 unmap()
 
     def _deliver(self, message: Message, cache: torch.Tensor, layout: KVLayout) -> None:
-        payload: list[torch.Tensor] = []
+        payload = None
         if isinstance(message, LayerChunk):
-            if len(message.runs) > 1:
-                message = message.model_copy(update={"runs": _coalesce(message.runs)})
-            payload = _views(cache, layout, message)
-            if payload is None:
+            try:
+                payload = cache_payload(cache, message, layout)
+            except ValueError as e:  # layers, blocks or heads the sender's cache does not hold
                 message = TransferAbort(
                     request_id=message.request_id, generation=message.generation,
-                    reason="cuda_ipc: chunk names blocks outside the sender's KV cache",
+                    reason=f"cuda_ipc: {e} (the sender's)",
                 )  # fmt: skip
-                payload = []
         try:
             self._on_message(message, payload)
         except Exception:  # the receiver fences its own failures; keep the connection
@@ -432,9 +404,10 @@ class CudaIpcTransport(KVTransport):
             raise TransferError(f"cuda_ipc: not connected to {peer_id!r}")
         return link
 
-    def send(self, peer_id: str, message: Message, payload: list[torch.Tensor]) -> None:
-        if isinstance(message, LayerChunk) and len(payload) != len(message.runs):
-            raise ValueError(f"{len(payload)} payload tensors for {len(message.runs)} runs")
+    def send(self, peer_id: str, message: Message, payload: KVPayload | None = None) -> None:
+        """Only the header travels: the receiver finds the payload in its mapping of our cache."""
+        if isinstance(message, LayerChunk) and not isinstance(payload, KVPayload):
+            raise ValueError(f"a LayerChunk needs a KVPayload, got {type(payload).__name__}")
         self._link(peer_id).write(_encode(message))
 
     def flush(self, peer_id: str, timeout_s: float) -> None:

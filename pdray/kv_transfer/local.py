@@ -1,7 +1,8 @@
 """`local` transport: sender and receiver in one process; a send is a direct call.
 
-The payload tensors are views of the sender's cache, so the receiver's copy is the only copy.
-Used by tests and for a prefill and a decode engine sharing one process.
+A chunk's payload is the sender's cache and the chunk's source block ids (`cache_payload`), so
+the receiver's gather/scatter out of it is the only copy. Used by tests and for a prefill and a
+decode engine sharing one process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from pdray.kv_transfer.base import (
     KVDescriptor,
     KVLayout,
+    KVPayload,
     KVTransport,
     Message,
     OnMessage,
@@ -61,7 +63,7 @@ class LocalTransport(KVTransport):
                     f"no local KV receiver named {peer.engine_id!r} in this process"
                 )
 
-    def send(self, peer_id: str, message: Message, payload: list[torch.Tensor]) -> None:
+    def send(self, peer_id: str, message: Message, payload: KVPayload | None = None) -> None:
         with _lock:
             on_message = _receivers.get(peer_id)
         if on_message is None:

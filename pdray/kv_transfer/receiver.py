@@ -10,6 +10,11 @@ Messages for a ticket that is not LIVE (late writes, old generations) are droppe
 `revoke` takes the ticket's lock, so once it returns no copy into its blocks is running or can
 start: only then may the engine free them.
 
+A chunk is applied with one gather/scatter (`kernels.kv_copy`) of all its layers, K and V, blocks
+and heads, asynchronously on the receiver's side stream on GPU, after its destination blocks were
+checked against the ticket's (one vectorised check); its source blocks, layers and heads are
+checked against the payload's tensor.
+
 A receiver is one rank of a decode engine. A sequence's KV may come from several prefill ranks
 (tensor parallelism): each sends its own Handoff, counting its chunks and the number of senders;
 the sequence is complete when all of them arrived and every chunk they count was applied. A
@@ -25,11 +30,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from kernels.kv_copy import copy_kv_blocks
 from pdray.kv_transfer.base import (
     Handoff,
     KVLayout,
+    KVPayload,
     LayerChunk,
     Message,
     Ticket,
@@ -37,6 +45,7 @@ from pdray.kv_transfer.base import (
     head_slice,
 )
 from pdray.kv_transfer.metrics import TransferMetrics
+from pdray.kv_transfer.payload import block_pairs, check_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +61,7 @@ class TicketState(enum.Enum):
 class _Entry:
     ticket: Ticket
     state: TicketState = TicketState.LIVE
-    allowed_blocks: dict[str, set[int]] = field(default_factory=dict)
+    allowed_blocks: dict[str, np.ndarray] = field(default_factory=dict)  # seq -> bool mask
     chunks_applied: dict[str, int] = field(default_factory=dict)
     handoffs: dict[str, dict[int, Handoff]] = field(default_factory=dict)  # seq -> sender rank
     error: str | None = None
@@ -79,14 +88,16 @@ class KVReceiver:
         entry = _Entry(ticket)
         for seq in ticket.seqs:
             first = seq.num_cached_tokens // self.kv_cache.shape[3]
-            entry.allowed_blocks[seq.seq_id] = set(seq.block_table[first:])
+            allowed = np.zeros(self.kv_cache.shape[2], dtype=bool)
+            allowed[np.asarray(seq.block_table[first:], dtype=np.int64)] = True
+            entry.allowed_blocks[seq.seq_id] = allowed
             entry.chunks_applied[seq.seq_id] = 0
         with self._lock:
             self._entries[(ticket.request_id, ticket.generation)] = entry
 
     # -- transport thread ----------------------------------------------------------------------
 
-    def on_message(self, message: Message, payload: list[torch.Tensor]) -> None:
+    def on_message(self, message: Message, payload: KVPayload | None = None) -> None:
         key = (message.request_id, message.generation)
         with self._lock:
             entry = self._entries.get(key)
@@ -103,7 +114,7 @@ class KVReceiver:
                 entry.state, entry.error = TicketState.FAILED, f"bad transfer: {e}"
                 self._ready.append(entry)
 
-    def _apply(self, entry: _Entry, message: Message, payload: list[torch.Tensor]) -> None:
+    def _apply(self, entry: _Entry, message: Message, payload: KVPayload | None) -> None:
         if isinstance(message, TransferAbort):
             self._wait_copies()
             entry.state, entry.error = TicketState.FAILED, message.reason
@@ -125,28 +136,42 @@ class KVReceiver:
         if self._stream is not None:
             self._stream.synchronize()
 
-    def _copy(self, entry: _Entry, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
-        allowed = entry.allowed_blocks[chunk.seq_id]
-        if len(payload) != len(chunk.runs):
-            raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
-        if not 0 <= chunk.layer <= chunk.layer + chunk.num_layers <= self.kv_cache.shape[0]:
+    def _copy(self, entry: _Entry, chunk: LayerChunk, payload: KVPayload | None) -> None:
+        """One gather/scatter of the chunk, after checking it writes only the ticket's blocks."""
+        if not isinstance(payload, KVPayload):
+            raise ValueError(f"a LayerChunk needs a KVPayload, got {type(payload).__name__}")
+        cache = self.kv_cache
+        if not 0 <= chunk.layer <= chunk.layer + chunk.num_layers <= cache.shape[0]:
             raise ValueError(f"layers {chunk.layer}+{chunk.num_layers} outside the KV cache")
-        for _, dst, n in chunk.runs:
-            if not allowed.issuperset(range(dst, dst + n)):
-                raise ValueError(f"blocks {dst}..{dst + n - 1} are not reserved for {chunk.seq_id}")
-        layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
-        heads = head_slice(chunk, self.layout)
-        if self._stream is None:
-            for (_, dst, n), src in zip(chunk.runs, payload, strict=True):
-                self.kv_cache[layers, :, dst : dst + n, :, heads].copy_(src)
-        else:
-            from kernels.run_copy import copy_run
-
+        head, stop, _ = head_slice(chunk, self.layout).indices(cache.shape[4])
+        dst_blocks = block_pairs(chunk.runs, cache.shape[2])[1]
+        check_blocks(dst_blocks, cache.shape[2], f"a chunk of {chunk.seq_id}")
+        reserved = entry.allowed_blocks[chunk.seq_id][dst_blocks.numpy()]
+        if not reserved.all():
+            blocks = dst_blocks.numpy()[~reserved].tolist()
+            raise ValueError(f"blocks {blocks[:8]} are not reserved for {chunk.seq_id}")
+        have = (payload.num_blocks, payload.num_layers, payload.heads[1] - payload.heads[0])
+        need = (dst_blocks.numel(), chunk.num_layers, stop - head)
+        if have != need:
+            raise ValueError(f"the payload holds {have} (blocks, layers, heads); the chunk {need}")
+        check_blocks(payload.blocks, payload.kv.shape[2], "the payload")
+        ids = torch.from_numpy(np.stack([dst_blocks.numpy(), payload.blocks.numpy()]))  # one upload
+        if self._stream is not None:
             with torch.cuda.stream(self._stream):
-                for (_, dst, n), src in zip(chunk.runs, payload, strict=True):
-                    copy_run(self.kv_cache[layers, :, dst : dst + n, :, heads], src)
-                    src.record_stream(self._stream)  # a transport's buffer outlives the copy
-        entry.num_bytes += sum(src.nbytes for src in payload)
+                ids = ids.to(cache.device, non_blocking=True)
+                self._scatter(chunk, payload, ids, head)
+                payload.kv.record_stream(self._stream)  # a transport's buffer outlives the copy
+        else:
+            self._scatter(chunk, payload, ids, head)
+        entry.num_bytes += payload.num_bytes
+
+    def _scatter(self, chunk: LayerChunk, payload: KVPayload, ids: torch.Tensor, head: int) -> None:
+        copy_kv_blocks(
+            self.kv_cache, ids[0], payload.kv, ids[1], num_layers=chunk.num_layers,
+            dst_layer=chunk.layer, src_layer=payload.layer,
+            num_heads=payload.heads[1] - payload.heads[0], dst_head=head,
+            src_head=payload.heads[0],
+        )  # fmt: skip
 
     def _complete(self, entry: _Entry) -> bool:
         if len(entry.handoffs) != len(entry.ticket.seqs):

@@ -6,7 +6,9 @@ Blocks already on the decode side (its prefix hits) are never sent. Only full bl
 until the step that completes the prompt, which also sends the partial last block, so no block
 is sent twice. On GPU a layer's chunk is sent from a thread once a CUDA event says it is written,
 so the transfer overlaps the rest of the forward; layers already written when the thread gets to
-them travel in one chunk (one header, one copy per run for all of them).
+them travel in one chunk (one header, one gather/scatter on the receiver for all of them). A
+chunk's payload is the sender's cache with the step's source block ids (`cache_payload`), built
+once per step.
 
 A sender is one rank of a prefill engine. Its chunks carry the KV heads it sends to each decode
 rank (`kv_routes` of its layout); on the other ranks of a tensor-parallel engine the step's plan
@@ -37,9 +39,9 @@ from pdray.kv_transfer.base import (
     kv_routes,
     merge_runs,
     num_senders,
-    run_payload,
 )
 from pdray.kv_transfer.metrics import TransferMetrics
+from pdray.kv_transfer.payload import block_pairs, cache_payload
 from pdray.worker.batch import SampledToken
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class _Planned:
     state: _SeqSend
     runs: list[tuple[int, int, int]]  # (src_block, dst_block, num_blocks), merged once per step
     end: int
+    src_blocks: torch.Tensor  # the runs' source blocks in block_pairs order (int64, CPU)
 
 
 # A step's plan as it crosses to the other ranks: (seq_id, runs, end) per sequence.
@@ -146,8 +149,9 @@ class KVSender:
         return wire
 
     def set_plan(self, wire: WirePlan) -> None:
+        num_blocks = self.kv_cache.shape[2]
         self._plan = [
-            _Planned(self._seqs[seq_id], runs, end)
+            _Planned(self._seqs[seq_id], runs, end, block_pairs(runs, num_blocks)[0])
             for seq_id, runs, end in wire
             if seq_id in self._seqs
         ]
@@ -194,7 +198,7 @@ class KVSender:
                     first_token_id=token.token_id, logprob=token.logprob, rank=token.rank,
                     top_logprobs=token.top_logprobs, sampler_state=sampler_state,
                 )  # fmt: skip
-                self.transport.send(peer.engine_id, message, [])
+                self.transport.send(peer.engine_id, message, None)
                 peers[peer.engine_id] = None
         for peer_id in peers:
             self.transport.flush(peer_id, timeout_s)
@@ -218,7 +222,7 @@ class KVSender:
         """Send a control message after everything queued before it (order per peer kept)."""
         if self._queue is not None:
             self._queue.join()
-        self.transport.send(peer_id, message, [])
+        self.transport.send(peer_id, message, None)
 
     def _send_layers(self, plan: list[_Planned], layer: int, num_layers: int) -> None:
         for p in plan:
@@ -230,10 +234,10 @@ class KVSender:
                     seq_id=p.state.seq_ticket.seq_id, layer=layer, num_layers=num_layers,
                     runs=p.runs, kv_heads=heads,
                 )  # fmt: skip
-                payload = run_payload(self.kv_cache, chunk, self.layout)
                 self.metrics.chunks_sent += 1
-                self.metrics.bytes_sent += sum(t.nbytes for t in payload)
                 try:
+                    payload = cache_payload(self.kv_cache, chunk, self.layout, p.src_blocks)
+                    self.metrics.bytes_sent += payload.num_bytes
                     self.transport.send(peer.engine_id, chunk, payload)
                 except Exception as e:  # never break the forward: the hand-off reports it
                     self._failed(p.state, peer.engine_id, e)

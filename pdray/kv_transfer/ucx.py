@@ -5,18 +5,21 @@ Every UcxTransport of a process shares one UCX context and one event-loop thread
 (NET_DEVICES, ...) are fixed by the first transport of the process.
 
   receiver  listen() -> UCX listener on `port` (all interfaces; `host` is the address advertised)
-            per incoming endpoint, in order: frame -> header -> [LayerChunk: each run's K and V
-            of the chunk's layers into a fresh buffer on the cache's device] -> on_message(message, payload) on the loop thread;
+            per incoming endpoint, in order: frame -> header -> [LayerChunk: the chunk's packed
+            K and V into one fresh buffer on the cache's device] -> on_message(message,
+            packed_payload(buffer)) on the loop thread, which scatters it into the cache;
             a flush marker is answered with an ack once every earlier message was delivered
   sender    connect(peer) -> endpoint (idempotent; reconnects after a failure)
-            send() -> header and payload posted on the loop thread in call order (never blocks)
+            send() -> a LayerChunk's blocks packed into one staging buffer [num_layers, 2, n,
+            block_size, heads, head_dim] by one gather (`kernels.kv_copy`); header and buffer
+            posted on the loop thread in call order (never blocks on the network)
             flush() -> marker + wait for its ack: every earlier message reached on_message
             a failed send or a lost connection fails the peer: later send/flush raise TransferError
   close()   listener and endpoints closed; the process's UCX context stays for later transports
 
 Wire format per message, on the endpoint's tag stream (UCX matches it in post order): a frame
 [u64 header length][header JSON, when it fits in the frame] (else the header follows alone), then for
-a LayerChunk one contiguous message per payload tensor.
+a LayerChunk of n > 0 blocks one message: the packed buffer, blocks in `block_pairs` order.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pdray.kv_transfer.base import (
     Handoff,
     KVDescriptor,
     KVLayout,
+    KVPayload,
     KVTransport,
     LayerChunk,
     Message,
@@ -47,6 +51,7 @@ from pdray.kv_transfer.base import (
     TransferError,
     TransportKind,
 )
+from pdray.kv_transfer.payload import pack_payload, packed_payload
 from pdray.kv_transfer.ucx_runtime import default_host, get_runtime, is_exiting, ucxx
 
 logger = logging.getLogger(__name__)
@@ -81,6 +86,23 @@ def _wire(t: torch.Tensor) -> torch.Tensor | np.ndarray:
     """The tensor's bytes as a flat uint8 buffer ucxx can read or fill (no copy)."""
     flat = t.reshape(-1).view(torch.uint8)
     return flat if flat.is_cuda else flat.numpy()
+
+
+def _pack(layout: KVLayout, chunk: LayerChunk, payload: KVPayload | None) -> torch.Tensor:
+    """The chunk's K and V in one staging buffer, checked against the receiver's `layout`."""
+    if not isinstance(payload, KVPayload):
+        raise ValueError(f"a LayerChunk needs a KVPayload, got {type(payload).__name__}")
+    heads = layout.num_kv_heads if chunk.kv_heads is None else chunk.kv_heads[1] - chunk.kv_heads[0]
+    have = (payload.num_blocks, payload.num_layers, payload.heads[1] - payload.heads[0])
+    need = (sum(n for _, _, n in chunk.runs), chunk.num_layers, heads)
+    if have != need:
+        raise ValueError(f"the payload holds {have} (blocks, layers, heads); the chunk {need}")
+    kv = payload.kv
+    fits = kv.dtype == getattr(torch, layout.dtype)
+    if not fits or (kv.shape[3], kv.shape[5]) != (layout.block_size, layout.head_dim):
+        raise ValueError(f"payload blocks of {tuple(kv.shape)} {kv.dtype} do not fit the "
+                         f"receiver's layout {layout}")  # fmt: skip
+    return pack_payload(payload)
 
 
 @dataclass(eq=False)
@@ -190,11 +212,11 @@ class UcxTransport(KVTransport):
                 for request_id, generation in tickets:
                     abort = TransferAbort(request_id=request_id, generation=generation,
                                           reason="KV sender connection lost")  # fmt: skip
-                    self._on_message(abort, [])
+                    self._on_message(abort, None)
 
-    async def _recv_payload(self, ep, message: Message) -> list[torch.Tensor]:
+    async def _recv_payload(self, ep, message: Message) -> KVPayload | None:
         if not isinstance(message, LayerChunk):
-            return []
+            return None
         cache = self._kv_cache
         sizes = [n for _, _, n in message.runs]
         if any(n <= 0 for n in sizes) or sum(sizes) > cache.shape[2]:
@@ -206,16 +228,14 @@ class UcxTransport(KVTransport):
             heads = message.kv_heads[1] - message.kv_heads[0]
             if not 0 < heads <= cache.shape[4]:
                 raise ValueError(f"bad KV heads {message.kv_heads} for a cache of {cache.shape[4]}")
-        payload = [
-            torch.empty((message.num_layers, 2, n, block_size, heads, head_dim), dtype=cache.dtype,
-                        device=cache.device)
-            for n in sizes
-        ]  # fmt: skip
-        if cache.is_cuda:
-            torch.cuda.current_stream(cache.device).synchronize()
-        self._rt.worker.populate_python_futures_pool()
-        await asyncio.gather(*(ep.recv(_wire(t)) for t in payload))
-        return payload
+        shape = (message.num_layers, 2, sum(sizes), block_size, heads, head_dim)
+        buffer = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+        if buffer.numel():
+            if cache.is_cuda:  # memory freed on the stream may still be read there
+                torch.cuda.current_stream(cache.device).synchronize()
+            self._rt.worker.populate_python_futures_pool()
+            await ep.recv(_wire(buffer))
+        return packed_payload(buffer)
 
     # -- sender ------------------------------------------------------------------------------
 
@@ -269,31 +289,16 @@ class UcxTransport(KVTransport):
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def send(self, peer_id: str, message: Message, payload: list[torch.Tensor]) -> None:
+    def send(self, peer_id: str, message: Message, payload: KVPayload | None = None) -> None:
         peer = self._peer(peer_id)
+        buffers = _frames(_encode(message))
         if isinstance(message, LayerChunk):
-            self._check_payload(peer.descriptor.layout, message, payload)
+            packed = _pack(peer.descriptor.layout, message, payload)
+            if packed.numel():
+                buffers.append(_wire(packed))
         elif payload:
             raise ValueError(f"a {type(message).__name__} carries no payload")
-        buffers = _frames(_encode(message)) + [_wire(t.contiguous()) for t in payload]
         self._rt.loop.call_soon_threadsafe(self._post, peer, buffers)
-
-    @staticmethod
-    def _check_payload(layout: KVLayout, chunk: LayerChunk, payload: list[torch.Tensor]) -> None:
-        if len(payload) != len(chunk.runs):
-            raise ValueError(f"{len(payload)} payload tensors for {len(chunk.runs)} runs")
-        itemsize = getattr(torch, layout.dtype).itemsize
-        heads = (
-            layout.num_kv_heads if chunk.kv_heads is None else chunk.kv_heads[1] - chunk.kv_heads[0]
-        )
-        block_bytes = layout.block_size * heads * layout.head_dim * itemsize
-        for i, (t, (_, _, n)) in enumerate(zip(payload, chunk.runs, strict=True)):
-            need = chunk.num_layers * 2 * n * block_bytes
-            if t.nbytes != need:
-                raise ValueError(
-                    f"payload tensor {i} has {t.nbytes} bytes; {chunk.num_layers} layers of {n} "
-                    f"blocks of the receiver's layout need {need}"
-                )
 
     def _post(self, peer: _Peer, buffers: list) -> None:
         if peer.error is not None:

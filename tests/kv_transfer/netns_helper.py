@@ -23,8 +23,8 @@ from pdray.kv_transfer.base import (
     SeqTicket,
     Ticket,
     merge_runs,
-    run_payload,
 )
+from pdray.kv_transfer.payload import cache_payload
 from pdray.kv_transfer.receiver import KVReceiver, TicketState
 from pdray.kv_transfer.ucx import UcxTransport
 
@@ -69,12 +69,12 @@ def send_ticket(descriptor: KVDescriptor, options: dict) -> None:
                 request_id=REQUEST_ID, generation=GENERATION, seq_id=SEQ_ID, layer=layer,
                 num_layers=num_layers, runs=triples,
             )  # fmt: skip
-            transport.send(descriptor.engine_id, chunk, run_payload(source, chunk))
+            transport.send(descriptor.engine_id, chunk, cache_payload(source, chunk))
         handoff = Handoff(
             request_id=REQUEST_ID, generation=GENERATION, seq_id=SEQ_ID, num_chunks=SHAPE[0],
             first_token_id=42, logprob=-0.5, sampler_state=SAMPLER_STATE,
         )  # fmt: skip
-        transport.send(descriptor.engine_id, handoff, [])
+        transport.send(descriptor.engine_id, handoff)
         transport.flush(descriptor.engine_id, timeout_s=20)
     finally:
         transport.close()

@@ -189,21 +189,3 @@ def test_decode_gone_fails_the_prefill_cleanly(prefill, decode):
     assert error and "cuda_ipc" in error
     free, total, num_requests, _ = prefill_stats(prefill)
     assert (free, num_requests) == (total, 0)
-
-
-def test_runs_are_coalesced_on_arrival():
-    from pdray.kv_transfer.base import merge_runs
-    from pdray.kv_transfer.cuda_ipc import _coalesce
-
-    def pairs(runs):
-        return sorted((s + i, d + i) for s, d, n in runs for i in range(n))
-
-    rng = random.Random(0)
-    for _ in range(200):
-        src, dst = rng.sample(range(300), 40), rng.sample(range(300), 40)
-        if rng.random() < 0.5:  # tables that descend on both sides (blocks freed in reverse)
-            src.sort(reverse=True)
-            dst.sort(reverse=True)
-        runs = [(r.src, r.dst, r.num_blocks) for r in merge_runs(src, dst)]
-        assert pairs(_coalesce(runs)) == pairs(runs)
-    assert _coalesce([(3, 9, 1), (2, 8, 1), (0, 6, 2)]) == [(0, 6, 4)]

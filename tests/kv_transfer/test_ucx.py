@@ -35,8 +35,8 @@ from pdray.kv_transfer.base import (  # noqa: E402
     TransferAbort,
     TransferError,
     TransportKind,
-    run_payload,
 )
+from pdray.kv_transfer.payload import cache_payload  # noqa: E402
 from pdray.kv_transfer.receiver import KVReceiver, TicketState  # noqa: E402
 
 HELPER = Path(__file__).with_name("netns_helper.py")
@@ -86,11 +86,23 @@ def test_chunks_land_in_reserved_blocks_and_handoff_round_trips(pair):
     tx.connect(descriptor)  # a second sender of the same process reaches it too
 
 
+def _packed(source: torch.Tensor, chunk: LayerChunk) -> torch.Tensor:
+    """What a chunk's packed buffer must hold: its runs' blocks in order, its layers."""
+    layers = slice(chunk.layer, chunk.layer + chunk.num_layers)
+    return torch.cat([source[layers, :, src : src + n] for src, _, n in chunk.runs], dim=2)
+
+
 def test_order_and_headers_survive(pair):
     rx, tx = pair
     cache = torch.zeros(2, 2, 8, 4, 2, 8)
     got: list = []
-    descriptor = rx.listen("decode-1", cache, lambda m, p: got.append((m, [t.clone() for t in p])))
+
+    def on_message(message, payload):
+        assert payload is None or (payload.layer, payload.heads) == (0, (0, 2))
+        assert payload is None or torch.equal(payload.blocks, torch.arange(payload.num_blocks))
+        got.append((message, None if payload is None else payload.kv.clone()))
+
+    descriptor = rx.listen("decode-1", cache, on_message)
     source = torch.randn(2, 2, 8, 4, 2, 8)
     tx.register(source)
     tx.connect(descriptor)
@@ -103,18 +115,19 @@ def test_order_and_headers_survive(pair):
                 logprob=float("-inf"), top_logprobs=[(1, -0.25), (2, -1.5)],
                 sampler_state=os.urandom(100_000 if i == 5 else 64),  # i == 5: header > frame
             )  # fmt: skip
-            payload = []
-        else:
+            tx.send("decode-1", message)
+            sent.append((message, None))
+        else:  # fragmented: two runs, the first descending from chunk to chunk
             message = _chunk(i % 2, [(i % 8, 7 - i % 8, 1), (0, 0, 2)], num_layers=2 - i % 2)
-            payload = run_payload(source, message)
-        tx.send("decode-1", message, payload)
-        sent.append((message, payload))
-    tx.send("decode-1", TransferAbort(request_id="r", generation=0, reason="é ✓"), [])
+            tx.send("decode-1", message, cache_payload(source, message))
+            sent.append((message, _packed(source, message)))
+    tx.send("decode-1", TransferAbort(request_id="r", generation=0, reason="é ✓"))
     tx.flush("decode-1", timeout_s=10)
     assert len(got) == len(sent) + 1  # flush returns once all reached on_message
-    for (message, payload), (received, received_payload) in zip(sent, got, strict=False):
+    for (message, packed), (received, received_packed) in zip(sent, got, strict=False):
         assert received == message
-        assert all(torch.equal(a, b) for a, b in zip(payload, received_payload, strict=True))
+        assert (packed is None) == (received_packed is None)
+        assert packed is None or torch.equal(packed, received_packed)  # one buffer per chunk
     assert got[-1][0].reason == "é ✓"
 
 
@@ -122,19 +135,26 @@ def test_sender_validates_payload_and_peers(pair):
     rx, tx = pair
     cache = torch.zeros(2, 2, 8, 4, 2, 8)
     descriptor = rx.listen("decode-2", cache, lambda m, p: None)
+    one_block = _chunk(0, [(0, 0, 1)])
     with pytest.raises(TransferError, match="connect"):
-        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[:1, :, :1]])
+        tx.send("decode-2", one_block, cache_payload(cache, one_block))
     tx.register(torch.zeros(2, 2, 8, 4, 2, 16))
     with pytest.raises(TransferError, match="layouts differ"):
         tx.connect(descriptor)
     tx.register(cache)
     tx.connect(descriptor)
-    with pytest.raises(ValueError, match="payload tensors"):
-        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[:1, :, :1], cache[:1, :, :1]])
-    with pytest.raises(ValueError, match="bytes"):
-        tx.send("decode-2", _chunk(0, [(0, 0, 1)]), [cache[:1, :, :2]])
-    with pytest.raises(ValueError, match="bytes"):
-        tx.send("decode-2", _chunk(0, [(0, 0, 1)], num_layers=2), [cache[:1, :, :1]])
+    with pytest.raises(ValueError, match="KVPayload"):
+        tx.send("decode-2", one_block, [cache[:1, :, :1]])
+    with pytest.raises(ValueError, match="blocks, layers, heads"):  # payload of another chunk
+        tx.send("decode-2", one_block, cache_payload(cache, _chunk(0, [(0, 0, 2)])))
+    with pytest.raises(ValueError, match="blocks, layers, heads"):
+        tx.send("decode-2", _chunk(0, [(0, 0, 1)], num_layers=2), cache_payload(cache, one_block))
+    with pytest.raises(ValueError, match="do not fit"):
+        other = torch.zeros(2, 2, 8, 4, 2, 8, dtype=torch.float16)
+        tx.send("decode-2", one_block, cache_payload(other, one_block))
+    with pytest.raises(ValueError, match="carries no payload"):
+        tx.send("decode-2", TransferAbort(request_id="r", generation=0, reason="x"),
+                cache_payload(cache, one_block))  # fmt: skip
     with pytest.raises(ValueError, match="already set up"):
         UcxTransport(ucx_options={"TLS": "definitely-not-the-current-setting"})
 
@@ -163,7 +183,7 @@ def test_flush_times_out_then_lost_peer_fails(pair):
     release = threading.Event()
     descriptor = rx.listen("decode-3", cache, lambda m, p: release.wait(10))
     tx.connect(descriptor)
-    tx.send("decode-3", TransferAbort(request_id="r", generation=0, reason="x"), [])
+    tx.send("decode-3", TransferAbort(request_id="r", generation=0, reason="x"))
     with pytest.raises(TransferError, match="timed out"):
         tx.flush("decode-3", timeout_s=0.3)
     release.set()
@@ -173,7 +193,7 @@ def test_flush_times_out_then_lost_peer_fails(pair):
     with pytest.raises(TransferError, match="decode-3"):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the loss shows on send or flush, whichever is first
-            tx.send("decode-3", TransferAbort(request_id="r", generation=0, reason="x"), [])
+            tx.send("decode-3", TransferAbort(request_id="r", generation=0, reason="x"))
             tx.flush("decode-3", timeout_s=5)
             time.sleep(0.05)
 
