@@ -24,6 +24,7 @@ from disagg_harness import WorkerProcess  # noqa: E402
 from test_parity import greedy, make_prompts, shared_prefix_prompts  # noqa: E402
 
 from pdray import LLM  # noqa: E402
+from pdray.engine.role_worker import PrefillResult  # noqa: E402
 from pdray.kv_transfer.base import KVLayout, kv_routes, num_senders  # noqa: E402
 from pdray.sampling_params import SamplingParams  # noqa: E402
 
@@ -56,8 +57,9 @@ def _generate(prefill: WorkerProcess, decode: WorkerProcess, prompts, timeout_s:
     final, deadline = {}, time.monotonic() + timeout_s
     while len(final) < len(ids):
         assert time.monotonic() < deadline, f"{len(ids) - len(final)} requests unfinished"
-        for result in prefill.call("step"):
-            assert result.error is None, result.error
+        for result in prefill.call("step"):  # first-token outputs, then each request's result
+            if isinstance(result, PrefillResult):
+                assert result.error is None, result.error
         for out in decode.call("step", timeout_s=60):
             if out.finished:
                 final[out.request_id] = out
