@@ -53,7 +53,7 @@ def _make_worker(role: Role, args, replica_id: str, engine: LLMEngine, inbox: In
     )
     transport = make_transport(kind, **options)
     if role is Role.PREFILL:
-        return PrefillWorker(engine, transport)
+        return PrefillWorker(engine, transport, wake=inbox.wake)
     return DecodeWorker(
         engine,
         transport,

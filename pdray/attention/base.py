@@ -12,6 +12,7 @@ a contiguous run of bytes (what KV transfer copies).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,20 +68,22 @@ class ForwardContext:
     on_layer_kv_written: Callable[[int], None] | None = None
 
 
-_context: ForwardContext | None = None
+# Per thread: two engines of one process (a local prefill/decode pair) run their forwards at
+# the same time on their own loops' threads.
+_local = threading.local()
 
 
 def get_forward_context() -> ForwardContext:
-    if _context is None:
+    ctx = getattr(_local, "context", None)
+    if ctx is None:
         raise RuntimeError("attention layer called outside a model-runner forward")
-    return _context
+    return ctx
 
 
 @contextlib.contextmanager
 def forward_context(ctx: ForwardContext) -> Iterator[None]:
-    global _context
-    previous, _context = _context, ctx
+    previous, _local.context = getattr(_local, "context", None), ctx
     try:
         yield
     finally:
-        _context = previous
+        _local.context = previous

@@ -13,6 +13,12 @@ block not yet sent); one that comes after the first token was sampled finds the 
 whose ticket does not come within `ticket_wait_s` is released with an error, so nothing is held
 forever.
 
+Given `wake` (an engine loop's), the hand-off runs off the loop's thread (one hand-off thread:
+Handoffs, then the flush), so the next prompts compute while decode acknowledges the KV; the loop
+is woken when it is done and then releases the blocks and emits the PrefillResult. A request
+aborted meanwhile keeps its blocks until the flush ended (the receiver may still read them). With
+tensor parallelism, or without `wake`, the hand-off runs inside the step.
+
 With tensor parallelism every rank sends the KV of its own heads: the other ranks' senders
 (pdray/disagg/tp_ranks.py) get each ticket, each step's plan and each hand-off from here, and the
 blocks are released only after every rank's hand-off was acknowledged.
@@ -21,7 +27,10 @@ blocks are released only after every rank's hand-off was acknowledged.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdray.config import Role
@@ -54,6 +63,7 @@ class PrefillWorker:
         transport: KVTransport,
         flush_timeout_s: float = 30.0,
         ticket_wait_s: float = 30.0,
+        wake: Callable[[], None] | None = None,
     ):
         if engine.config.role is not Role.PREFILL:
             raise ValueError("PrefillWorker needs an engine with role='prefill'")
@@ -77,6 +87,9 @@ class PrefillWorker:
         self.parked: dict[str, _Parked] = {}
         self._late: list[str] = []  # parked requests whose ticket came: sent on the next step
         self._early: dict[str, tuple[Ticket, float]] = {}  # attached before submitted
+        self.handing_off: dict[str, tuple[RequestOutput, Ticket]] = {}  # on the hand-off thread
+        self._aborted: set[str] = set()  # aborted while handing off
+        self._handoffs = _HandoffThread(wake) if wake is not None and self.ranks is None else None
 
     def submit(
         self,
@@ -139,6 +152,9 @@ class PrefillWorker:
         return True
 
     def abort(self, request_id: str, reason: str = "aborted by client") -> RequestOutput | None:
+        if request_id in self.handing_off:  # released once the flush has ended
+            self._aborted.add(request_id)
+            return None
         self.awaiting.discard(request_id)
         if self.parked.pop(request_id, None) is not None:
             self.engine.release(request_id)
@@ -167,6 +183,7 @@ class PrefillWorker:
         Without `emit`, returns what it emitted."""
         if emit is None:
             return collect(self.step)
+        self._finish_handoffs(emit)
         self._send_late(emit)
         self._expire_parked(emit)
         if not self.engine.scheduler.has_work:
@@ -181,8 +198,36 @@ class PrefillWorker:
                 deadline_s = time.monotonic() + self.ticket_wait_s
                 self.parked[out.request_id] = _Parked(out, deadline_s)
             else:
-                emit(out.request_id, self._hand_off(out))
+                self._hand_off_or_start(out, emit)
         return None
+
+    def _hand_off_or_start(self, out: RequestOutput, emit: Emit) -> None:
+        ticket = self.tickets.get(out.request_id)
+        if self._handoffs is None or ticket is None:
+            emit(out.request_id, self._hand_off(out))
+            return
+        del self.tickets[out.request_id]
+        seqs = self._handoff_seqs(out.request_id)
+        self.handing_off[out.request_id] = (out, ticket)
+        self._handoffs.submit(
+            out.request_id, lambda: self.sender.hand_off(seqs, self.flush_timeout_s)
+        )
+
+    def _finish_handoffs(self, emit: Emit) -> None:
+        if self._handoffs is None:
+            return
+        for request_id, error in self._handoffs.finished():
+            out, ticket = self.handing_off.pop(request_id)
+            result = PrefillResult(request_id, out)
+            if error is not None:
+                logger.warning("KV hand-off of %s failed: %s", request_id, error)
+                self.sender.abort(ticket, f"prefill hand-off failed: {error}")
+                result = PrefillResult(request_id, None, f"KV transfer failed: {error}")
+            self.engine.release(request_id)
+            if request_id in self._aborted:
+                self._aborted.discard(request_id)
+            else:
+                emit(request_id, result)
 
     def _send_late(self, emit: Emit) -> None:
         """Parked requests whose ticket came: every layer of their prompt blocks in one chunk,
@@ -204,7 +249,7 @@ class PrefillWorker:
             self.sender.set_plan(wire)
             self.sender.on_layer(0, self.layout.num_layers)
             self.sender.end_step()
-            emit(request_id, self._hand_off(parked.output))
+            self._hand_off_or_start(parked.output, emit)
 
     def _expire_parked(self, emit: Emit) -> None:
         now_s = time.monotonic()
@@ -216,7 +261,8 @@ class PrefillWorker:
                 emit(request_id, PrefillResult(request_id, None, why))
 
     def has_runnable_work(self) -> bool:
-        return self.engine.scheduler.has_work or bool(self._late)
+        done = self._handoffs is not None and self._handoffs.has_finished()
+        return self.engine.scheduler.has_work or bool(self._late) or done
 
     def next_deadline_s(self) -> float | None:
         return min((p.deadline_s for p in self.parked.values()), default=None)
@@ -238,11 +284,7 @@ class PrefillWorker:
     def _hand_off_all_ranks(self, ticket: Ticket, request_id: str) -> None:
         """Every rank sends its Handoffs and waits for the decode ranks it fed; raises if any
         rank failed. The other ranks run theirs while this one does."""
-        sampler = self.engine.runner.sampler
-        seqs = [
-            (seq.seq_id, token, sampler.export_state(seq.seq_id))
-            for seq, token in self.engine.request_seq_states(request_id)
-        ]
+        seqs = self._handoff_seqs(request_id)
         if self.ranks is not None:
             self.ranks.broadcast("hand_off", seqs, self.flush_timeout_s, target="kv", reply=True)
         try:
@@ -252,15 +294,65 @@ class PrefillWorker:
         if errors:
             raise TransferError("; ".join(errors))
 
+    def _handoff_seqs(self, request_id: str) -> list:
+        """(seq_id, first token, sampler state) of each sequence of a request."""
+        sampler = self.engine.runner.sampler
+        return [
+            (seq.seq_id, token, sampler.export_state(seq.seq_id))
+            for seq, token in self.engine.request_seq_states(request_id)
+        ]
+
     def _forget_on_ranks(self, ticket: Ticket) -> None:
         if self.ranks is not None:
             self.ranks.broadcast("forget", [s.seq_id for s in ticket.seqs], target="kv")
 
     def has_work(self) -> bool:
-        return self.engine.scheduler.has_work or bool(self.parked)
+        return self.engine.scheduler.has_work or bool(self.parked) or bool(self.handing_off)
 
     def close(self) -> None:
         for request_id in list(self.tickets):
             self.abort(request_id, "the prefill engine is closing")
+        if self._handoffs is not None:
+            self._handoffs.close(self.flush_timeout_s)
         self.transport.close()
         self.engine.close()
+
+
+class _HandoffThread:
+    """Runs hand-offs (send the Handoffs, wait for the flush) one after another off the engine
+    loop's thread; each finished one is queued and wakes the loop."""
+
+    def __init__(self, wake: Callable[[], None]):
+        self._wake = wake
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="kv-handoff")
+        self._thread.start()
+
+    def submit(self, request_id: str, hand_off: Callable[[], None]) -> None:
+        self._jobs.put((request_id, hand_off))
+
+    def has_finished(self) -> bool:
+        return not self._finished.empty()
+
+    def finished(self) -> list[tuple[str, str | None]]:
+        """(request_id, error or None) of the hand-offs that ended since the last call."""
+        done = []
+        while not self._finished.empty():
+            done.append(self._finished.get_nowait())
+        return done
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            request_id, hand_off = job
+            error = None
+            try:
+                hand_off()
+            except Exception as e:  # TransferError, OSError: the peer is gone or too slow
+                error = str(e)
+            self._finished.put((request_id, error))
+            self._wake()
+
+    def close(self, timeout_s: float) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
