@@ -52,6 +52,12 @@ class AppArgs(BaseModel):
         None, description="shared Redis for routing state; none: a private one on 127.0.0.1"
     )
     scheduler_ttl_s: float = Field(10.0, gt=0, description="TTL of instance records in Redis")
+    overlap_prefill: bool = Field(
+        False,
+        description="send the prompt to prefill while decode reserves its blocks (the ticket "
+        "follows): saves a round trip of TTFT; off by default, since the failure tests showed "
+        "30 s stalls with it after a decode replica died (docs/performance.md)",
+    )
     lease_s: float = Field(30.0, gt=0, description="decode waits this long for a prompt's KV")
     failure_policy: FailurePolicy = Field(
         FailurePolicy.RECOMPUTE, description="when KV does not arrive: recompute, retry or fail"

@@ -134,9 +134,10 @@ class RequestTrace:
     replica: str = ""
     spans: dict[Span, float] = field(default_factory=dict)
 
-    def mark(self, span: Span) -> None:
-        """The router reached `span` now."""
-        self.spans.setdefault(span, time.monotonic() - self.start_s)
+    def mark(self, span: Span, now_s: float | None = None) -> None:
+        """The router reached `span` now (or at `now_s`, a time.monotonic())."""
+        now_s = time.monotonic() if now_s is None else now_s
+        self.spans.setdefault(span, now_s - self.start_s)
 
     def observe(self, source: str, output: RequestOutput) -> None:
         """An instance's output (passed on to the client or not): take its own spans."""
@@ -154,9 +155,9 @@ class RequestTrace:
             now_s = time.monotonic()
             if self.first_token_s is None:
                 self.first_token_s = now_s
-                self.mark(Span.FIRST_TOKEN)
+                self.mark(Span.FIRST_TOKEN, now_s)
             if self.num_tokens < 2 <= num_tokens:
-                self.mark(Span.SECOND_TOKEN)
+                self.mark(Span.SECOND_TOKEN, now_s)
             self.last_token_s = now_s
             self.num_tokens = num_tokens
         if output.finished and self.spans:  # the client gets them with the usage

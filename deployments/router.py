@@ -251,9 +251,9 @@ class PDBackend:
         placed = [(Role.DECODE, decode.instance_id), (Role.PREFILL, prefill.instance_id)]
         self._placed[request_id] = (attempt_id, placed)
         trace.role, trace.replica = Role.DECODE.value, decode.instance_id
-        # Without tensor parallelism, prefill starts computing while decode reserves; the
-        # ticket follows (`attach`), and the first token waits for it only if it is faster.
-        follows = self.args.prefill.tensor_parallel_size == 1
+        # With overlap_prefill (and no tensor-parallel prefill), prefill starts computing while
+        # decode reserves; the ticket follows (`attach`), and the first token waits for it.
+        follows = self.args.overlap_prefill and self.args.prefill.tensor_parallel_size == 1
         reserve = self._handle(Role.DECODE).reserve.remote(
             attempt_id, prompt, params.to_dict(), replica_id=decode.instance_id
         )
@@ -263,9 +263,14 @@ class PDBackend:
                 attempt_id, prompt, params.to_dict(), None, replica_id=prefill.instance_id,
                 ticket_follows=True,
             )  # fmt: skip
-        ticket = await _call(reserve, decode)
-        if ticket is None:
-            raise _InstanceFull(decode)  # the cleanup aborts the prefill too
+        try:
+            ticket = await _call(reserve, decode)
+            if ticket is None:
+                raise _InstanceFull(decode)  # the cleanup aborts the prefill request too
+        except BaseException:
+            if follows:
+                prefill_items.cancel()  # never read: cancel it rather than leave it to GC
+            raise
         trace.mark(Span.RESERVED)
         if follows:
             self._spawn(self._attach(prefill, attempt_id, ticket))
@@ -279,7 +284,7 @@ class PDBackend:
             .stream.remote(attempt_id, replica_id=decode.instance_id)
         )
         async for output in pd_outputs(
-            prefill_items, _guard(decode_outputs, decode), params, sent,
+            _cancelling(prefill_items), _guard(decode_outputs, decode), params, sent,
             functools.partial(_log_prefill_end, attempt_id), trace.observe,
         ):  # fmt: skip
             yield output
@@ -366,10 +371,23 @@ async def _call(response, instance: InstanceRecord):
         raise _InstanceFailed(instance, _brief(e)) from None
 
 
+async def _cancelling(gen):
+    """A Serve streaming response; left early, it is cancelled on the replica (which aborts
+    the request there) instead of waiting for garbage collection."""
+    done = False
+    try:
+        async for item in gen:
+            yield item
+        done = True
+    finally:
+        if not done:
+            gen.cancel()
+
+
 async def _guard(gen, instance: InstanceRecord):
     """Re-raise a replica's death as _InstanceFailed; ValueErrors (bad input) pass through."""
     try:
-        async for output in gen:
+        async for output in _cancelling(gen):
             yield output
     except ValueError:
         raise

@@ -16,6 +16,7 @@ class Role(str, enum.Enum):
     DECODE = "decode"  # admits requests whose KV arrives from a prefill engine
 
 
+PREFILL_STEP_TOKENS = 2048
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _TP_BACKENDS = ("auto", "nccl", "gloo")
@@ -31,7 +32,11 @@ class EngineConfig:
     tokenizer: str | None = None
     max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    # Tokens computed per step. None: 8192, or PREFILL_STEP_TOKENS for a prefill engine, whose
+    # requests all end at their first token: a prompt that waits behind a larger batch waits for
+    # all of it, while above ~2k tokens a step is near the device's matmul rate anyway
+    # (docs/performance.md, "Prefill scheduling for TTFT").
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
@@ -47,6 +52,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", _as_role(self.role))
+        if self.max_num_batched_tokens is None:
+            default = PREFILL_STEP_TOKENS if self.role is Role.PREFILL else 8192
+            object.__setattr__(self, "max_num_batched_tokens", default)
         dtype = str(self.dtype).removeprefix("torch.")
         object.__setattr__(self, "dtype", {"half": "float16", "float": "float32"}.get(dtype, dtype))
         self._validate()

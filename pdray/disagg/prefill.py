@@ -87,6 +87,7 @@ class PrefillWorker:
         self.parked: dict[str, _Parked] = {}
         self._late: list[str] = []  # parked requests whose ticket came: sent on the next step
         self._early: dict[str, tuple[Ticket, float]] = {}  # attached before submitted
+        self._gone: dict[str, float] = {}  # aborted before submitted -> until (monotonic)
         self.handing_off: dict[str, tuple[RequestOutput, Ticket]] = {}  # on the hand-off thread
         self._aborted: set[str] = set()  # aborted while handing off
         self._handoffs = _HandoffThread(wake) if wake is not None and self.ranks is None else None
@@ -105,6 +106,8 @@ class PrefillWorker:
         prefills (its output is the first token)."""
         if ticket_follows and self.ranks is not None:
             raise ValueError("ticket_follows needs a prefill engine without tensor parallelism")
+        if self._gone.pop(request_id, 0.0) > time.monotonic():
+            raise RuntimeError(f"request {request_id} was aborted before it arrived")
         self.engine.add_request(request_id, prompt, params)
         if ticket is not None:
             try:
@@ -155,6 +158,10 @@ class PrefillWorker:
         if request_id in self.handing_off:  # released once the flush has ended
             self._aborted.add(request_id)
             return None
+        if request_id not in self.engine.requests:  # the abort overtook the submit (two calls)
+            now_s = time.monotonic()
+            self._gone = {k: t for k, t in self._gone.items() if t > now_s}
+            self._gone[request_id] = now_s + self.ticket_wait_s
         self.awaiting.discard(request_id)
         if self.parked.pop(request_id, None) is not None:
             self.engine.release(request_id)

@@ -74,11 +74,14 @@ class Inbox:
                 return [item for item in items if item is not None]
 
 
+_SLOW_S = 5.0  # a command that waited, or a step that ran, longer than this is logged
+
+
 class _Command:
-    __slots__ = ("fn", "future")
+    __slots__ = ("fn", "future", "queued_s")
 
     def __init__(self, fn: Callable[[], Any], future: concurrent.futures.Future | None):
-        self.fn, self.future = fn, future
+        self.fn, self.future, self.queued_s = fn, future, time.monotonic()
 
 
 class EngineLoop:
@@ -176,6 +179,9 @@ class EngineLoop:
                 if command is _STOP:
                     self._shutdown()
                     return
+                waited_s = time.monotonic() - command.queued_s
+                if waited_s > _SLOW_S:
+                    logger.warning("engine loop: a command waited %.1f s for the loop", waited_s)
                 try:
                     result = command.fn()
                 except Exception as e:
@@ -195,8 +201,11 @@ class EngineLoop:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _step(self) -> None:
+        start_s = time.monotonic()
         try:
             self.worker.step(self._emit)
+            if time.monotonic() - start_s > _SLOW_S:
+                logger.warning("engine loop: a step took %.1f s", time.monotonic() - start_s)
         except Exception as e:  # fail every open request rather than hang them
             logger.exception("engine step failed; failing its %d requests", len(self._sinks))
             error = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")

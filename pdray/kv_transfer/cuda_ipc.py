@@ -370,8 +370,11 @@ class CudaIpcTransport(KVTransport):
             )
         with self._lock:
             link = self._links.get(peer.engine_id)
-            if link is not None and link.error is None and link.address == peer.address:
-                return
+            if link is not None and link.address == peer.address:
+                if link.error is None:
+                    return
+                # Lost: that receiver is gone (a replacement listens at a new address).
+                raise TransferError(f"cuda_ipc: {peer.engine_id} was lost: {link.error}")
         host, _, port = peer.address.rpartition(":")
         try:
             sock = socket.create_connection((host, int(port)), timeout=self.connect_timeout_s)

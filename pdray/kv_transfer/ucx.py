@@ -251,8 +251,15 @@ class UcxTransport(KVTransport):
             )
         with self._lock:
             current = self._peers.get(peer.engine_id)
-            if current is not None and current.error is None and current.descriptor == peer:
-                return
+            if current is not None and current.descriptor == peer:
+                if current.error is None:
+                    return
+                # Lost: that receiver is gone (a replacement listens at a new address). Trying
+                # again would hold every transfer of this process for the connect timeout.
+                raise TransferError(
+                    f"UCX KV receiver {peer.engine_id!r} at {peer.address} was lost: "
+                    f"{current.error}"
+                )
             host, _, port = peer.address.rpartition(":")
             timeout_s = self.connect_timeout_s
             what = f"connecting to UCX KV receiver {peer.engine_id!r} at {peer.address}"

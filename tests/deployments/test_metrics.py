@@ -63,6 +63,33 @@ def test_request_trace_records_latencies_once(recorded, monkeypatch):
     assert recorded.tpot.calls == [(0.5, tags)]  # (11.5 - 10.5) / 2 gaps
     assert recorded.e2e.calls == [(1.5, tags)]
     assert recorded.requests.calls == [(1, {**tags, "status": "length"})]
+    assert recorded.span.calls == []  # not a PD request: no spans
+
+
+def test_a_pd_request_records_its_spans_and_hands_them_to_the_client(recorded, monkeypatch):
+    clock = iter([10.02, 10.5, 10.6])  # reserved, first token (prefill), second token (decode)
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+    trace = RequestTrace(start_s=10.0, role="decode", replica="d1")
+    trace.mark(metrics.Span.RESERVED)
+    first = output(1)
+    first.metrics = {"queue_s": 0.01, "ttft_s": 0.3}
+    trace.observe("prefill", first)
+    trace.on_output(first)
+    admitted = output(1)
+    admitted.metrics = {"ttft_s": 0.4}
+    trace.observe("decode", admitted)
+    final = output(2, "length")
+    trace.on_output(final)
+    trace.record(RequestStatus.LENGTH)
+    spans = {
+        "reserved": 0.02, "first_token": 0.5, "second_token": 0.6, "prefill_queue": 0.01,
+        "prefill_first_token": 0.3, "decode_admitted": 0.4,
+    }  # fmt: skip
+    got = {tags["span"]: value for value, tags in recorded.span.calls}
+    assert got == pytest.approx(spans)
+    assert {k[5:]: v for k, v in final.metrics.items() if k.startswith("span:")} == pytest.approx(
+        spans
+    )
 
 
 def test_a_request_without_tokens_counts_only_its_status(recorded):

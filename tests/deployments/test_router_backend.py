@@ -37,7 +37,23 @@ class _Method:
 
     def remote(self, *args, replica_id: str, **kwargs):
         call = self.fn(replica_id, *args, **kwargs)  # sent now, like a Serve handle's call
-        return asyncio.ensure_future(call) if asyncio.iscoroutine(call) else call
+        return asyncio.ensure_future(call) if asyncio.iscoroutine(call) else _Stream(call)
+
+
+class _Stream:
+    """A streaming call, like Serve's DeploymentResponseGenerator (`cancel` included)."""
+
+    def __init__(self, gen):
+        self.gen, self.cancelled = gen, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await anext(self.gen)
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class _RayError(RuntimeError):
@@ -261,9 +277,12 @@ def _tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url, overlap):
     async def main():
-        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="first")
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5}, app_name=f"first-{overlap}", overlap_prefill=overlap
+        )
         decode = backend._handles[Role.DECODE]
         decode.hold_decode = asyncio.Event()  # decode has sent nothing yet
         stream = backend.generate("r", [1, 2], SamplingParams(max_tokens=2))
@@ -272,7 +291,8 @@ def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url):
         decode.hold_decode.set()
         rest = [o async for o in stream]
         assert _tokens([first, *rest]) == [[7], [7, 8]]  # decode's admission output dropped
-        assert backend._handles[Role.PREFILL].attached == ["r"]  # prefill got decode's ticket
+        # with overlap, prefill got decode's ticket through `attach`; else with the call
+        assert backend._handles[Role.PREFILL].attached == (["r"] if overlap else [])
         await backend.snapshot.stop()
 
     asyncio.run(main())

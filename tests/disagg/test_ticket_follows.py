@@ -127,3 +127,14 @@ def test_abort_of_a_parked_request_frees_it(path):
     prefill.step()
     prefill.abort("gone")
     assert_idle(prefill, decode)
+
+
+def test_an_abort_that_overtakes_the_submit_refuses_it(path):
+    prefill, decode = make_pair(path)
+    prefill.abort("raced")  # the router gave up on the attempt before the submit arrived
+    with pytest.raises(RuntimeError, match="aborted before it arrived"):
+        prefill.submit("raced", PROMPT, GREEDY, None, ticket_follows=True)
+    assert_idle(prefill, decode)
+    prefill.submit("raced", PROMPT, GREEDY, None, ticket_follows=True)  # only refused once
+    prefill.abort("raced")
+    assert_idle(prefill, decode)

@@ -138,3 +138,14 @@ def test_reservation_fails_cleanly_when_cache_full():
     big = make_seq(12, "big")
     assert not sched.reserve_for_remote_kv(big)
     assert bm.num_free_blocks == 2 and not sched.awaiting_kv
+
+
+def test_prefill_engines_take_smaller_steps_by_default():
+    from pdray.config import PREFILL_STEP_TOKENS, EngineConfig
+
+    assert EngineConfig(model="dummy:tiny").max_num_batched_tokens == 8192
+    prefill = EngineConfig(model="dummy:tiny", role="prefill")
+    assert prefill.max_num_batched_tokens == PREFILL_STEP_TOKENS == 2048
+    explicit = EngineConfig(model="dummy:tiny", role="prefill", max_num_batched_tokens=8192)
+    assert explicit.max_num_batched_tokens == 8192
+    assert prefill.replace(role="mixed").max_num_batched_tokens == 2048  # stays what it was
