@@ -76,7 +76,7 @@ class _Layers:
     plan: list[_Planned]  # the step's plan (one list object per step)
     layer: int
     num_layers: int
-    event: torch.cuda.Event  # recorded after the layers' KV was written
+    event: torch.cuda.Event | None  # recorded after the layers' KV was written; None on CPU
 
 
 class KVSender:
@@ -95,10 +95,9 @@ class KVSender:
         self._seqs: dict[str, _SeqSend] = {}
         self._unreachable: dict[str, float] = {}  # receiver address -> retry connecting after
         self._plan: list[_Planned] = []
-        self._queue: queue.Queue | None = None
-        if kv_cache.is_cuda:
-            self._queue = queue.Queue()
-            threading.Thread(target=self._send_loop, daemon=True, name="kv-sender").start()
+        self._cpu_layers: tuple[int, int] | None = None  # CPU: [first, stop) written this step
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._send_loop, daemon=True, name="kv-sender").start()
 
     def add_ticket(self, ticket: Ticket) -> None:
         """Connect to the decode ranks this rank sends to. On TransferError the ticket's
@@ -160,14 +159,19 @@ class KVSender:
         """Layers [layer, layer + num_layers) of this step are written (queued on the stream)."""
         if not self._plan:
             return
-        if self._queue is None:
-            self._send_layers(self._plan, layer, num_layers)
+        if not self.kv_cache.is_cuda:  # the forward runs on this thread: all at the end
+            first = layer if self._cpu_layers is None else self._cpu_layers[0]
+            self._cpu_layers = (first, layer + num_layers)
             return
         event = torch.cuda.Event()
         event.record()
         self._queue.put(_Layers(self._plan, layer, num_layers, event))
 
     def end_step(self) -> None:
+        if self._cpu_layers is not None:  # one chunk of every layer, sent off this thread
+            first, stop = self._cpu_layers
+            self._cpu_layers = None
+            self._queue.put(_Layers(self._plan, first, stop - first, None))
         for p in self._plan:
             p.state.sent_upto = p.end
         self._plan = []
@@ -181,8 +185,7 @@ class KVSender:
         then wait until they have everything (its blocks may be reused after that). Raises
         TransferError if any of it failed; the sequences are forgotten either way."""
         states = [(self._seqs.pop(seq_id, None), seq_id, token, st) for seq_id, token, st in seqs]
-        if self._queue is not None:
-            self._queue.join()  # every chunk of these sequences has been handed to the transport
+        self._queue.join()  # every chunk of these sequences has been handed to the transport
         peers: dict[str, None] = {}
         for state, seq_id, token, sampler_state in states:
             if state is None:
@@ -220,8 +223,7 @@ class KVSender:
 
     def transport_send_now(self, peer_id: str, message) -> None:
         """Send a control message after everything queued before it (order per peer kept)."""
-        if self._queue is not None:
-            self._queue.join()
+        self._queue.join()
         self.transport.send(peer_id, message, None)
 
     def _send_layers(self, plan: list[_Planned], layer: int, num_layers: int) -> None:
@@ -256,7 +258,8 @@ class KVSender:
             first = pending or self._queue.get()
             pending, num_layers, count = None, first.num_layers, 1
             try:
-                first.event.synchronize()
+                if first.event is not None:
+                    first.event.synchronize()
                 while pending is None:
                     try:
                         item = self._queue.get_nowait()
@@ -264,7 +267,7 @@ class KVSender:
                         break
                     count += 1
                     follows = item.plan is first.plan and item.layer == first.layer + num_layers
-                    if follows and item.event.query():
+                    if follows and (item.event is None or item.event.query()):
                         num_layers += item.num_layers
                     else:
                         pending, count = item, count - 1

@@ -111,12 +111,14 @@ def test_lease_expiry_applies_policy_and_refuses_late_writes(path, mixed, policy
 
 
 class FlakyTransport(LocalTransport):
-    """Fails the send of one layer's chunk."""
+    """Fails the send of the chunk holding one layer's KV."""
 
     fail_layer = 1
 
     def send(self, peer_id, message, payload):
-        if isinstance(message, LayerChunk) and message.layer == self.fail_layer:
+        layers = range(message.layer, message.layer + message.num_layers) if isinstance(
+            message, LayerChunk) else ()  # fmt: skip
+        if self.fail_layer in layers:
             raise OSError("injected transfer error")
         super().send(peer_id, message, payload)
 
