@@ -185,7 +185,7 @@ class KVSender:
         then wait until they have everything (its blocks may be reused after that). Raises
         TransferError if any of it failed; the sequences are forgotten either way."""
         states = [(self._seqs.pop(seq_id, None), seq_id, token, st) for seq_id, token, st in seqs]
-        self._queue.join()  # every chunk of these sequences has been handed to the transport
+        self._drain(timeout_s)  # every chunk of these sequences has been handed to the transport
         peers: dict[str, None] = {}
         for state, seq_id, token, sampler_state in states:
             if state is None:
@@ -221,10 +221,19 @@ class KVSender:
         except Exception as e:  # the peer may be gone; its lease expires anyway
             logger.warning("could not tell %s about the abort: %s", ticket.receiver.engine_id, e)
 
-    def transport_send_now(self, peer_id: str, message) -> None:
+    def transport_send_now(self, peer_id: str, message, timeout_s: float = 30.0) -> None:
         """Send a control message after everything queued before it (order per peer kept)."""
-        self._queue.join()
+        self._drain(timeout_s)
         self.transport.send(peer_id, message, None)
+
+    def _drain(self, timeout_s: float) -> None:
+        """Wait until the sender thread has handed every queued chunk to the transport."""
+        done = self._queue.all_tasks_done
+        with done:
+            if not done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout_s):
+                raise TransferError(
+                    f"the KV sender thread did not send its queued chunks within {timeout_s:g} s"
+                )
 
     def _send_layers(self, plan: list[_Planned], layer: int, num_layers: int) -> None:
         for p in plan:

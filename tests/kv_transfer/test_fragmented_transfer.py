@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 
 import pytest
@@ -262,3 +263,34 @@ def test_ucx_fragmented_decode_table(scatters):
     _check(decode_cache, prefill_cache, src_table, dst_table)
     assert scatters == [NUM_PROMPT_BLOCKS // 2] * 2  # on CPU one chunk of every layer a step
     assert receiver.metrics.bytes_received == sender.metrics.bytes_sent
+
+
+def test_a_stuck_sender_thread_fails_the_hand_off_in_time(monkeypatch):
+    """The hand-off waits for the sender thread to hand over every queued chunk, but not forever:
+    a thread that does not (here: its send blocks) fails it with a TransferError in time."""
+    from pdray.kv_transfer.base import TransferError
+
+    src_table, dst_table = _tables("contiguous")
+    prefill_cache, decode_cache = _cache(2, seed=3), _cache(2)
+    receiver = KVReceiver(decode_cache)
+    rx, tx = LocalTransport(), LocalTransport()
+    descriptor = rx.listen(f"decode-stuck-{next(_ids)}", decode_cache, receiver.on_message)
+    sender = KVSender(tx, prefill_cache)
+    ticket = _ticket([descriptor], dst_table)
+    receiver.expect(ticket)
+    release = threading.Event()
+    monkeypatch.setattr(sender, "_send_layers", lambda *args: release.wait(30))
+    try:
+        seq = ticket.seqs[0]
+        sender.add_ticket(ticket)
+        runs = merge_runs(src_table[:4], seq.block_table[:4])
+        sender.set_plan([(seq.seq_id, [(r.src, r.dst, r.num_blocks) for r in runs], 4)])
+        sender.on_layer(0, LAYERS)
+        sender.end_step()
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="did not send its queued chunks within 0.3 s"):
+            sender.hand_off([(seq.seq_id, SampledToken(7), None)], timeout_s=0.3)
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        rx.close()
