@@ -7,6 +7,7 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
+import time
 
 from pdray.config import EngineConfig
 from pdray.disagg.decode import DecodeWorker
@@ -66,6 +67,17 @@ def run(
         if len(final) + len(failures) == len(ids) and not decode.has_work():
             break
     return [final.get(request_id) for request_id in ids], ids
+
+
+def poll_until_done(receiver, timeout_s: float = 10.0) -> list:
+    """The receiver's finished tickets (its first non-empty `poll`), or AssertionError after
+    timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if done := receiver.poll():
+            return done
+        time.sleep(0.005)
+    raise AssertionError("the ticket did not complete")
 
 
 def assert_baseline(*engines: LLMEngine) -> None:

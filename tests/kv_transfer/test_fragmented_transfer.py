@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from disagg_harness import poll_until_done
 
 import pdray.kv_transfer.receiver as receiver_module
 from pdray.kv_transfer.base import (
@@ -93,15 +94,6 @@ def _stream(sender: KVSender, ticket: Ticket, src_table: list[int]) -> None:
     sender.hand_off([(seq.seq_id, SampledToken(7), None)], timeout_s=20)
 
 
-def _wait(receiver: KVReceiver, timeout_s: float = 20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if done := receiver.poll():
-            return done
-        time.sleep(0.005)
-    raise AssertionError("the ticket did not complete")
-
-
 @pytest.fixture
 def scatters(monkeypatch) -> list:
     """The receiver's gather/scatter calls (one per chunk message)."""
@@ -138,7 +130,7 @@ def test_local_fragmented_decode_table(kind, device, scatters):
     receiver.expect(ticket)
     try:
         _stream(sender, ticket, src_table)
-        [(_, state, handoffs, error)] = _wait(receiver)
+        [(_, state, handoffs, error)] = poll_until_done(receiver, 20.0)
     finally:
         rx.close()
     assert state is TicketState.COMPLETE, error
@@ -187,7 +179,7 @@ def test_local_resharding_with_fragmented_tables(src_size, dst_size):
             sender = KVSender(LocalTransport(), full[:, :, :, :, heads].clone(), layout=src_layout)
             _stream(sender, ticket, src_table)
         for rank, (receiver, cache) in enumerate(zip(receivers, caches, strict=True)):
-            [(_, state, _, error)] = _wait(receiver)
+            [(_, state, _, error)] = poll_until_done(receiver, 20.0)
             assert state is TicketState.COMPLETE, error
             _check(cache, full, src_table, dst_table, slice(*layout(rank, dst_size).kv_heads))
     finally:
@@ -255,7 +247,7 @@ def test_ucx_fragmented_decode_table(scatters):
         ticket = _ticket([descriptor], dst_table)
         receiver.expect(ticket)
         _stream(sender, ticket, src_table)
-        [(_, state, _, error)] = _wait(receiver)
+        [(_, state, _, error)] = poll_until_done(receiver, 20.0)
     finally:
         tx.close()
         rx.close()

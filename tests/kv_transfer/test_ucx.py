@@ -26,6 +26,7 @@ except ImportError as e:
 sys.path.insert(0, str(Path(__file__).parent))
 
 import netns_helper as h  # noqa: E402
+from disagg_harness import poll_until_done  # noqa: E402
 
 from pdray.kv_transfer.base import (  # noqa: E402
     Handoff,
@@ -59,15 +60,6 @@ def _chunk(layer: int, runs: list[tuple[int, int, int]], num_layers: int = 1) ->
     )  # fmt: skip
 
 
-def _poll_until_done(receiver: KVReceiver, timeout_s: float = 10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if done := receiver.poll():
-            return done
-        time.sleep(0.005)
-    raise AssertionError("the ticket did not complete")
-
-
 def test_chunks_land_in_reserved_blocks_and_handoff_round_trips(pair):
     rx, tx = pair
     cache = torch.zeros(h.SHAPE, dtype=h.DTYPE)
@@ -79,7 +71,7 @@ def test_chunks_land_in_reserved_blocks_and_handoff_round_trips(pair):
     receiver.expect(h.make_ticket(descriptor))
 
     h.send_ticket(descriptor, {"host": "127.0.0.1"})
-    [(ticket, state, handoffs, error)] = _poll_until_done(receiver)
+    [(ticket, state, handoffs, error)] = poll_until_done(receiver)
     assert state is TicketState.COMPLETE, error
     assert h.check_received(cache, handoffs[h.SEQ_ID]) == []
     assert receiver.num_live == 0
@@ -212,7 +204,7 @@ def test_two_processes(pair):
     child.start()
     child.join(60)
     assert child.exitcode == 0
-    [(_, state, handoffs, error)] = _poll_until_done(receiver)
+    [(_, state, handoffs, error)] = poll_until_done(receiver)
     assert state is TicketState.COMPLETE, error
     assert h.check_received(cache, handoffs[h.SEQ_ID]) == []
 
