@@ -153,8 +153,12 @@ class PDReplica:
             raise RuntimeError(f"{', '.join(dead)} exited: this replica cannot run its model")
 
     def __del__(self) -> None:
+        """Serve's graceful shutdown of this replica: stop the heartbeat and the engine, whose
+        close stops its tensor-parallel ranks with a deadline (pdray/worker/tp_group.py)."""
         if hasattr(self, "_stop"):  # not when __init__ failed
             self._stop.set()
+        if hasattr(self, "loop"):
+            self.loop.close(timeout_s=10)
 
     # -- heartbeat -------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -14,7 +15,7 @@ from pdray.attention.registry import get_attention_backend
 from pdray.config import EngineConfig
 from pdray.models.loader import build_model, load_model_config
 from pdray.worker.batch import SampledToken, SamplingRow, StepBatch
-from pdray.worker.parallel import tp_rank, tp_size
+from pdray.worker.parallel import bound, current
 from pdray.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -48,20 +49,29 @@ class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
         family, self.arch, _ = load_model_config(config.model)
+        self.tp = current()  # a follower rank is built inside its group's binding
         self.tp_group = None  # rank 0 of a tensor-parallel engine drives the other ranks
-        if config.tensor_parallel_size > 1 and tp_size() == 1:
+        self.graphs = None
+        if config.tensor_parallel_size > 1 and self.tp.size == 1:
             from pdray.worker.tp_group import TensorParallelGroup, check_shardable
 
             check_shardable(self.arch, config.tensor_parallel_size)
             self.tp_group = TensorParallelGroup(config)
+            self.tp = self.tp_group.tp
+            # dropped without close() (a notebook's second LLM), or at interpreter exit: the
+            # followers stop; the finalizer holds the group, not the runner
+            self._finalizer = weakref.finalize(self, self.tp_group.close)
         try:
-            self._build(config, family)
+            with bound(self.tp):
+                self._build(config, family)
+            if self.tp_group is not None:
+                self.tp_group.wait_ready()
         except BaseException:
             self.close()
             raise
 
     def _build(self, config: EngineConfig, family: str) -> None:
-        self.rank = tp_rank()
+        self.rank = self.tp.rank
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and config.tensor_parallel_size > 1:
             self.device = torch.device("cuda", torch.cuda.current_device())  # set for its rank
@@ -227,7 +237,8 @@ class ModelRunner:
             max_model_len=max_model_len, block_size=self.config.block_size,
             hidden_size=self.arch.hidden_size, dtype=self.dtype, device=self.device,
         )  # fmt: skip
-        self.graphs.capture()
+        with bound(self.tp):
+            self.graphs.capture()
 
     # -- one step ------------------------------------------------------------------------------------
 
@@ -270,31 +281,49 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> list[SampledToken]:
-        if self.tp_group is not None:
-            self.tp_group.broadcast("execute", batch)
+        if self.tp_group is None:
+            return self._execute(batch)
+        self.tp_group.broadcast("execute", batch)
+        try:
+            sampled = self._execute(batch)
+        except Exception as e:  # a collective broke: name the rank that went away, if one did
+            self.tp_group.explain(e)
+            raise
+        self.tp_group.check()  # a rank lost mid-step (NCCL aborted): its tokens are not results
+        return sampled
+
+    def _execute(self, batch: StepBatch) -> list[SampledToken]:
         if batch.finished_seq_ids:
             self.sampler.free(batch.finished_seq_ids)
         if not batch.input_ids:
             return []
-        if (
-            self.graphs is not None
-            and self.on_layer_kv_written is None
-            and self.graphs.can_run(batch)
-        ):
-            logits = self.graphs.run(batch)  # [S, V]: in a decode step, row i is sequence i
-            if batch.sample_indices != list(range(len(batch.query_lens))):
-                logits = logits[self._to_device(batch.sample_indices)]
-        else:
-            hidden, rows = self._eager_forward(batch)
-            if not batch.sample_indices:
-                return []
-            logits = self.model.compute_logits(hidden[rows])
+        with bound(self.tp):
+            if (
+                self.graphs is not None
+                and self.on_layer_kv_written is None
+                and self.graphs.can_run(batch)
+            ):
+                logits = self.graphs.run(batch)  # [S, V]: in a decode step, row i is sequence i
+                if batch.sample_indices != list(range(len(batch.query_lens))):
+                    logits = logits[self._to_device(batch.sample_indices)]
+            else:
+                hidden, rows = self._eager_forward(batch)
+                if not batch.sample_indices:
+                    return []
+                logits = self.model.compute_logits(hidden[rows])
         if self.rank != 0:  # the LM head's all-gather is done; rank 0 samples
             return []
         return self.sampler(logits, batch.sampling_rows)
 
     def close(self) -> None:
-        """Stop the other ranks of a tensor-parallel engine (nothing to do otherwise)."""
-        if self.tp_group is not None:
-            self.tp_group.close()
-            self.tp_group = None
+        """Stop the other ranks of a tensor-parallel engine and free this rank's CUDA graphs, KV
+        cache and weights. Final: the runner cannot run afterwards."""
+        self.graphs = None  # before the communicator goes: the graphs hold its kernels
+        group, self.tp_group = self.tp_group, None
+        if group is not None:
+            group.close()
+        for attn in getattr(self, "attention_layers", []):
+            attn.kv_cache = None
+        self.kv_cache = self.model = None
+        if getattr(self, "device", None) is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,45 +1,95 @@
-"""Tensor-parallel state of this process: rank and world size of its group, and collectives.
+"""Tensor-parallel state: the rank, size and collectives the layers of one engine use.
 
-World size 1 needs no process group; the layers still shard by (rank, size) so a larger group only
-has to initialise torch.distributed and call `set_tensor_parallel`.
+The state is per engine, not per process: a ModelRunner binds its own `TensorParallel` (with
+`bound(tp)`) around everything that builds or runs its model, and the layers read it through
+`tp_rank()`, `tp_size()`, `all_reduce` and `all_gather_last_dim`. Two tensor-parallel engines in
+one process (a notebook that makes a second LLM) therefore never share a group. World size 1
+needs no collectives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from dataclasses import dataclass
+
 import torch
-import torch.distributed as dist
-
-_tp_rank = 0
-_tp_size = 1
-_tp_group: dist.ProcessGroup | None = None
 
 
-def set_tensor_parallel(rank: int, size: int, group: dist.ProcessGroup | None = None) -> None:
-    global _tp_rank, _tp_size, _tp_group
-    if not 0 <= rank < size:
-        raise ValueError(f"tensor-parallel rank {rank} outside a group of {size}")
-    _tp_rank, _tp_size, _tp_group = rank, size, group
+class Collectives:
+    """The model's collectives over one process group backend (gloo or NCCL) built for a single
+    engine (pdray/worker/tp_group.py), not torch.distributed's process-wide default group."""
+
+    def __init__(self, backend, kind: str):
+        self.backend = backend
+        self.kind = kind  # "gloo" or "nccl"
+
+    def all_reduce(self, x: torch.Tensor) -> None:
+        self.backend.allreduce([x]).wait()
+
+    def all_gather(self, parts: list[torch.Tensor], x: torch.Tensor) -> None:
+        self.backend.allgather([parts], [x]).wait()
+
+    def abort(self) -> None:
+        """Make NCCL kernels stuck on a lost peer return, and free the communicator without
+        waiting for the peers (NCCL's orderly destroy waits for them: the old hang at close).
+        gloo needs nothing: a peer that goes away closes its sockets and the call raises."""
+        if self.kind == "nccl":
+            with contextlib.suppress(Exception):
+                self.backend.abort()
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+    collectives: Collectives | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tensor-parallel rank {self.rank} outside a group of {self.size}")
+
+
+SINGLE = TensorParallel()
+_local = threading.local()
+
+
+def current() -> TensorParallel:
+    return getattr(_local, "tp", SINGLE)
+
+
+@contextlib.contextmanager
+def bound(tp: TensorParallel):
+    """Run the block (in this thread) with `tp` as the layers' tensor-parallel state."""
+    previous = current()
+    _local.tp = tp
+    try:
+        yield
+    finally:
+        _local.tp = previous
 
 
 def tp_rank() -> int:
-    return _tp_rank
+    return current().rank
 
 
 def tp_size() -> int:
-    return _tp_size
+    return current().size
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size > 1:
-        dist.all_reduce(x, group=_tp_group)
+    tp = current()
+    if tp.size > 1:
+        tp.collectives.all_reduce(x)
     return x
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size == 1:
+    tp = current()
+    if tp.size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=_tp_group)
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    tp.collectives.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
 
 

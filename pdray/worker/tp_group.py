@@ -1,48 +1,70 @@
 """A tensor-parallel group: rank 0 is the engine's own ModelRunner; ranks 1..N-1 follow it.
 
-  rank 0 (engine process)                     rank r (a follower: a Ray actor in the replica's
-                                              placement group, or a child process offline)
-  TensorParallelGroup(config)  -- spawns -->  follow(rank, ...): init_process_group, ModelRunner
-  init_process_group, set_tensor_parallel      loop: command <- broadcast from rank 0
-  ModelRunner builds its shard of the model      (runner, _bind_kv_cache, num_blocks) -> scratch/real KV
-  per call: broadcast(command), then run it      (runner, _capture_graphs, max_len)   -> capture graphs
-                                                 (runner, execute, batch)     -> forward, no sampling
-                                                 (kv, ...)  -> this rank's KV sender or receiver
-                                                 None                         -> exit
+  rank 0 (the engine's process)                 rank r (a follower: `python -m
+                                                pdray.worker.tp_follower` offline, a Ray actor
+                                                in the replica's placement group under Serve)
+  TensorParallelGroup(config): listen, start    connect, ("hello", r, token)
+  followers, accept each  <------------------
+  ("init", config, store)  ------------------>  join the collectives' process group
+  join the process group (rank 0)               ModelRunner builds its shard of the model
+  ModelRunner builds its shard; wait_ready <--  ("ready",)
+  per call: (target, name, args, reply) ----->  run it: forward without sampling, KV commands...
+            gather <--------------------------  ("result", value) when reply
+  close: None -> wait for the exit, else kill   exit
 
-A command names a target object on the follower ("runner", or one made by `create`, e.g. the
-rank's KV transfer endpoint) and a method; `call` also gathers the followers' return values.
+Commands travel on one TCP connection per follower (pdray/worker/tp_channel.py); the model's
+collectives on a process group built for this engine alone from its own TCPStore (NCCL on GPU,
+gloo on CPU), never torch.distributed's default group: two engines in one process do not meet.
 
-Every rank runs the same forward in the same order, so the all-reduces of the row-parallel layers
-and the LM head's all-gather meet; only rank 0 samples. Commands travel on a gloo group (a pickled
-StepBatch, no GPU memory); the model's collectives use NCCL on GPU and gloo on CPU. The rendezvous
-port is one the OS gave this engine, so two engines on a node never collide. A follower that dies
-breaks the next collective: rank 0 raises, and the engine's owner (a Serve replica's health check)
-replaces the engine.
+Nothing waits forever. Every setup step has a deadline (the constants below); a watchdog thread
+notices a follower that exits, before or after joining, and the next call raises an error naming
+its rank and exit code or exception (on NCCL it also aborts the communicator, so kernels stuck on
+the lost peer return). A follower exits when rank 0's connection closes, so it never outlives
+its engine. Close sends the stop command, gives each follower STOP_TIMEOUT_S, kills what is
+left and aborts the communicator instead of NCCL's orderly destroy (which waits on the peers).
+
+Followers never re-import the user's script: offline they are fresh `python -m` processes, so a
+plain script without `if __name__ == "__main__":` works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import multiprocessing as mp
+import os
+import secrets
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from pdray.config import EngineConfig
-from pdray.worker.parallel import set_tensor_parallel
+from pdray.worker.parallel import Collectives, TensorParallel, bound
+from pdray.worker.tp_channel import Channel, PeerGone, accept
 
 logger = logging.getLogger(__name__)
 
-_TIMEOUT = timedelta(minutes=10)
+JOIN_TIMEOUT_S = 120.0  # a follower starts (imports torch) and connects
+READY_TIMEOUT_S = 1800.0  # every follower has built its shard of the model (loaded its weights)
+REPLY_TIMEOUT_S = 600.0  # a command with a reply (graph capture, a KV hand-off) answers
+STOP_TIMEOUT_S = 10.0  # a follower exits after the stop command, else it is killed
+RENDEZVOUS_TIMEOUT_S = 60.0  # the collectives' process group forms (its store's deadline)
+COLLECTIVE_TIMEOUT_S = 300.0  # one collective's wait for its peers: a backstop to the watchdog
+WATCH_INTERVAL_S = 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class TensorParallelError(RuntimeError):
+    """A rank of a tensor-parallel engine failed, exited or did not answer in time."""
+
+
+class RankError(RuntimeError):
+    """A follower's command with a reply failed; `gather` raises it on rank 0."""
 
 
 def _device_for(config: EngineConfig, rank: int) -> None:
@@ -71,93 +93,157 @@ def collective_backend(config: EngineConfig) -> str:
     return "nccl" if config.device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
-def init_rank(config: EngineConfig, rank: int, address: str) -> dist.ProcessGroup:
-    """Join the group at `address` (tcp://host:port) as `rank`; returns the command group.
-
-    The model's collectives use `collective_backend(config)`; commands always travel on gloo."""
+def join_collectives(config: EngineConfig, rank: int, store: dist.Store) -> TensorParallel:
+    """This rank's TensorParallel over a process group of its own, formed through `store`."""
     _device_for(config, rank)
-    backend = collective_backend(config)
-    dist.init_process_group(
-        backend=backend,
-        init_method=address,
-        world_size=config.tensor_parallel_size,
-        rank=rank,
-        timeout=_TIMEOUT,
-    )
-    set_tensor_parallel(rank, config.tensor_parallel_size, dist.group.WORLD)
-    return (
-        dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=_TIMEOUT)
-    )
+    kind = collective_backend(config)
+    size = config.tensor_parallel_size
+    prefixed = dist.PrefixStore(f"pdray-tp/{kind}", store)
+    timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    if kind == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
+    elif kind == "gloo":
+        backend = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+    else:
+        raise ValueError(f"tensor_parallel_backend {kind!r}: use 'auto', 'nccl' or 'gloo'")
+    return TensorParallel(rank, size, Collectives(backend, kind))
 
 
-def follow(rank: int, config: EngineConfig, address: str) -> None:
-    """Body of a follower rank: build this rank's shard and run rank 0's commands until None."""
+# -- a follower rank ------------------------------------------------------------------------------
+
+
+def follow(address: tuple[str, int], rank: int, token: str) -> None:
+    """Body of a follower rank: join rank 0 at `address`, build this rank's shard, run rank 0's
+    commands until the stop command (None); exit the process if rank 0's end closes."""
     from pdray.worker.model_runner import ModelRunner
 
-    commands = init_rank(config, rank, address)
-    runner = ModelRunner(config)
-    targets: dict = {"runner": runner}
+    channel = Channel.connect(address, "tensor-parallel rank 0", JOIN_TIMEOUT_S)
+    stopping = threading.Event()
+    threading.Thread(
+        target=_exit_when_closed, args=(channel, stopping, rank), daemon=True,
+        name=f"pdray-tp{rank}-watch",
+    ).start()  # fmt: skip
+    tp, targets = None, {}
     try:
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0, group=commands)
-            if box[0] is None:
-                return
-            target, name, args, reply = box[0]
-            try:
-                if name == _CREATE:  # args: (class, its arguments after the runner)
-                    targets[target], result = args[0](runner, *args[1:]), None
-                else:
-                    result = getattr(targets[target], name)(*args)
-            except Exception as e:
-                if not reply:
-                    raise
-                result = RankError(f"tensor-parallel rank {rank}: {type(e).__name__}: {e}")
-            if reply:
-                dist.gather_object(result, None, dst=0, group=commands)
+        channel.send(("hello", rank, token))
+        _, config, store_address = channel.recv(JOIN_TIMEOUT_S)
+        store = dist.TCPStore(
+            *store_address, config.tensor_parallel_size, False,
+            timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+        )  # fmt: skip
+        tp = join_collectives(config, rank, store)
+        with bound(tp):
+            targets["runner"] = ModelRunner(config)
+            channel.send(("ready",))
+            _serve(channel, targets, rank, stopping)
+    except PeerGone:
+        logger.warning("tensor-parallel rank %d: rank 0 went away; exiting", rank)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            channel.send(("fatal", f"{type(e).__name__}: {e}"), timeout_s=5)
+        raise
     finally:
-        for target in targets.values():
+        stopping.set()
+        for target in reversed(list(targets.values())):
             close = getattr(target, "close", None)
-            if close is not None and target is not runner:
-                close()
-        dist.destroy_process_group()
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        if tp is not None:
+            tp.collectives.abort()
+        channel.close()
+
+
+def _serve(channel: Channel, targets: dict, rank: int, stopping: threading.Event) -> None:
+    runner = targets["runner"]
+    while True:
+        message = channel.recv(None)  # idle until rank 0 sends; its end closing ends the wait
+        if message is None:
+            stopping.set()
+            return
+        target, name, args, reply = message
+        try:
+            if name == _CREATE:  # args: (class, its arguments after the runner)
+                targets[target], result = args[0](runner, *args[1:]), None
+            else:
+                result = getattr(targets[target], name)(*args)
+        except Exception as e:
+            if not reply:
+                raise
+            result = RankError(f"tensor-parallel rank {rank}: {type(e).__name__}: {e}")
+        if reply:
+            channel.send(("result", result))
+
+
+def _exit_when_closed(channel: Channel, stopping: threading.Event, rank: int) -> None:
+    """A follower blocked in a collective cannot read its connection: when rank 0 is gone, end
+    the process from here (NCCL would wait for the lost peer until its timeout)."""
+    while not stopping.wait(WATCH_INTERVAL_S):
+        if channel.peer_closed() and not stopping.is_set():
+            logger.error("tensor-parallel rank %d: rank 0's connection closed; exiting", rank)
+            os._exit(1)
 
 
 _CREATE = "__create__"
 
 
-class RankError(RuntimeError):
-    """A follower's command with a reply failed; `gather` raises it on rank 0."""
+# -- rank 0's handles on its followers ------------------------------------------------------------
+
+
+def follower_command(address: tuple[str, int], rank: int) -> list[str]:
+    """The command line of an offline follower process (a fresh interpreter: it never imports
+    the user's script, so no `__main__` guard is needed)."""
+    host, port = address
+    return [sys.executable, "-m", "pdray.worker.tp_follower", host, str(port), str(rank)]
 
 
 class _ProcessFollower:
     """A follower rank in a child process (offline engines)."""
 
-    def __init__(self, rank: int, config: EngineConfig, address: str):
+    def __init__(self, rank: int, address: tuple[str, int], token: str):
         self.name = f"tensor-parallel rank {rank} (process)"
-        ctx = mp.get_context("spawn")
-        self.process = ctx.Process(target=follow, args=(rank, config, address), daemon=True)
-        self.process.start()
+        # the parent's import path, so the child imports pdray (and whatever the config names)
+        # from where the parent does
+        path = os.pathsep.join(p for p in sys.path if p)
+        env = dict(os.environ, PDRAY_TP_TOKEN=token, PYTHONPATH=path)
+        self.process = subprocess.Popen(
+            follower_command(address, rank), env=env, stdin=subprocess.DEVNULL
+        )
 
-    def alive(self) -> bool:
-        return self.process.is_alive()
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exit_status(self) -> str | None:
+        """None while it runs; how it ended once it has."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name} (exit code {code})"
+        return f"exited with code {code}"
 
     def stop(self, timeout_s: float) -> None:
-        self.process.join(timeout=timeout_s)
-        if self.process.is_alive():
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0f s: killing it", self.name, timeout_s)
             self.process.kill()
+            self.process.wait(timeout_s)
 
 
 class _RankActor:
-    def follow(self, rank: int, config: EngineConfig, address: str) -> None:
-        follow(rank, config, address)
+    def follow(self, address: tuple[str, int], rank: int, token: str) -> None:
+        follow(address, rank, token)
 
 
 class _ActorFollower:
     """A follower rank in a Ray actor, in bundle `rank` of the caller's placement group (a Serve
     replica's `placement_group_bundles`; bundle 0 holds the replica itself, rank 0)."""
 
-    def __init__(self, rank: int, config: EngineConfig, address: str, placement_group):
+    def __init__(self, rank: int, address: tuple[str, int], token: str, config, placement_group):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -168,20 +254,25 @@ class _ActorFollower:
         )
         actor_cls = ray.remote(num_cpus=0, num_gpus=gpus)(_RankActor)
         self.actor = actor_cls.options(scheduling_strategy=strategy).remote()
-        self.done = self.actor.follow.remote(rank, config, address)
+        self.done = self.actor.follow.remote(address, rank, token)
 
-    def alive(self) -> bool:
+    def exit_status(self) -> str | None:
         import ray
 
         ready, _ = ray.wait([self.done], timeout=0)
-        return not ready
+        if not ready:
+            return None
+        try:
+            ray.get(self.done, timeout=5)
+        except Exception as e:  # the actor died, or `follow` raised there
+            return f"died ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+        return "returned"
 
     def stop(self, timeout_s: float) -> None:
         import ray
 
-        ready, _ = ray.wait([self.done], timeout=timeout_s)
-        if not ready:
-            ray.kill(self.actor)
+        ray.wait([self.done], timeout=timeout_s)
+        ray.kill(self.actor)  # also when it returned: the actor holds its GPU until it exits
 
 
 def _placement_group():
@@ -194,12 +285,25 @@ def _placement_group():
     return get_current_placement_group() if ray.is_initialized() else None
 
 
+# -- rank 0 -----------------------------------------------------------------------------------------
+
+
 class TensorParallelGroup:
-    """Rank 0's side: starts the followers and broadcasts commands to them. Followers are Ray
-    actors in this process's placement group when it has one (a Serve replica), else processes."""
+    """Rank 0's side: starts the followers, sends them commands, watches them. Followers are Ray
+    actors in this process's placement group when it has one (a Serve replica), else processes.
+
+    Call `wait_ready()` once rank 0's own runner is built, before the first collective."""
 
     def __init__(self, config: EngineConfig):
         self.size = config.tensor_parallel_size
+        self.followers: list = []
+        self.channels: dict[int, Channel] = {}
+        self._fatal: dict[int, str] = {}  # rank -> the exception a follower reported
+        self._failed_rank: int | None = None
+        self._closed = False
+        self._stop_watch = threading.Event()
+        self._watch: threading.Thread | None = None
+        self.tp: TensorParallel | None = None
         group = _placement_group()
         if group is not None and len(group.bundle_specs) < self.size:
             raise ValueError(
@@ -207,36 +311,89 @@ class TensorParallelGroup:
                 f"this replica has {len(group.bundle_specs)}"
             )
         host = "127.0.0.1" if group is None else socket.gethostbyname(socket.gethostname())
-        address = f"tcp://{host}:{_free_port()}"
-        self.followers = [
-            _ProcessFollower(rank, config, address)
-            if group is None
-            else _ActorFollower(rank, config, address, group)
-            for rank in range(1, self.size)
-        ]
-        self.commands = init_rank(config, 0, address)
-        self._closed = False
+        self._server = socket.create_server((host, 0))
+        address = (host, self._server.getsockname()[1])
+        token = secrets.token_hex(16)
+        try:
+            self._store = dist.TCPStore(
+                host, 0, self.size, True, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+                wait_for_workers=False,
+            )  # fmt: skip
+            for rank in range(1, self.size):
+                self.followers.append(
+                    _ProcessFollower(rank, address, token)
+                    if group is None
+                    else _ActorFollower(rank, address, token, config, group)
+                )
+            self._accept_all(token)
+            for channel in self.channels.values():
+                channel.send(("init", config, (host, self._store.port)))
+            self.tp = join_collectives(config, 0, self._store)
+        except BaseException:
+            self.close()
+            raise
+        self._watch = threading.Thread(
+            target=self._watch_followers, daemon=True, name="pdray-tp-watch"
+        )
+        self._watch.start()
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def _accept_all(self, token: str) -> None:
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while len(self.channels) < self.size - 1:
+            self._raise_if_exited("before joining")
+            if time.monotonic() > deadline:
+                missing = [r for r in range(1, self.size) if r not in self.channels]
+                raise TensorParallelError(
+                    f"tensor-parallel rank(s) {missing} did not connect within "
+                    f"{JOIN_TIMEOUT_S:.0f} s"
+                )
+            sock = accept(self._server, 0.1)
+            if sock is None:
+                continue
+            channel = Channel(sock, "a tensor-parallel follower")
+            try:
+                kind, rank, their_token = channel.recv(10)
+            except (OSError, ValueError, TypeError):
+                channel.close()
+                continue
+            if kind != "hello" or their_token != token or not 0 < rank < self.size:
+                channel.close()  # not one of ours
+                continue
+            channel.peer = f"tensor-parallel rank {rank}"
+            self.channels[rank] = channel
+
+    def wait_ready(self) -> None:
+        """Wait (READY_TIMEOUT_S at most) until every follower has built its shard."""
+        for rank in self.channels:
+            reply = self._receive(rank, READY_TIMEOUT_S, "building its shard of the model")
+            if reply != ("ready",):
+                raise TensorParallelError(f"tensor-parallel rank {rank} sent {reply!r}")
+
+    # -- commands ------------------------------------------------------------------------------------
 
     def broadcast(self, name: str, *args, target: str = "runner", reply: bool = False) -> None:
         """Have every follower run `<target>.<name>(*args)` (target "runner": its ModelRunner).
         With reply, `gather` must follow before the next command."""
-        dead = self.dead()
-        if dead:
-            raise RuntimeError(f"{', '.join(dead)} exited: this engine cannot run")
-        dist.broadcast_object_list([(target, name, args, reply)], src=0, group=self.commands)
-
-    def dead(self) -> list[str]:
-        """Followers that have exited (the engine cannot run a step without them)."""
-        return [f.name for f in self.followers if not f.alive()]
+        self.check()
+        message = (target, name, args, reply)
+        for rank, channel in self.channels.items():
+            try:
+                channel.send(message)
+            except (PeerGone, TimeoutError) as e:
+                raise self._lost(rank, str(e)) from e
 
     def gather(self) -> list:
         """The followers' return values of the last command broadcast with reply, rank order."""
-        results = [None] * self.size
-        dist.gather_object(None, results, dst=0, group=self.commands)
-        for result in results[1:]:
+        results = []
+        for rank in self.channels:
+            kind, result = self._receive(rank, REPLY_TIMEOUT_S, "answering a command")
+            results.append(result)
+        for result in results:
             if isinstance(result, RankError):
                 raise result
-        return results[1:]
+        return results
 
     def call(self, name: str, *args, target: str = "runner") -> list:
         """broadcast and gather: the followers' return values, in rank order (1, 2, ...)."""
@@ -247,13 +404,109 @@ class TensorParallelGroup:
         """On every follower, `target = cls(runner, *args)`; returns once they all have it."""
         self.call(_CREATE, cls, *args, target=target)
 
+    def _receive(self, rank: int, timeout_s: float, doing: str):
+        channel = self.channels[rank]
+        deadline = time.monotonic() + timeout_s
+        while not channel.readable(0.1):
+            if self.followers[rank - 1].exit_status() is not None:
+                raise self._lost(rank)
+            if time.monotonic() > deadline:
+                raise self._lost(rank, f"did not answer within {timeout_s:.0f} s ({doing})")
+        try:
+            message = channel.recv(30)
+        except PeerGone as e:
+            raise self._lost(rank) from e
+        if message[0] == "fatal":
+            self._fatal[rank] = message[1]
+            raise self._lost(rank)
+        return message
+
+    # -- failures ------------------------------------------------------------------------------------
+
+    def dead(self) -> list[str]:
+        """Followers that have exited (the engine cannot run a step without them)."""
+        return [f.name for f in self.followers if f.exit_status() is not None]
+
+    def check(self) -> None:
+        """Raise if a follower has been lost (by the watchdog or a failed call)."""
+        if self._failed_rank is not None:
+            raise self._lost(self._failed_rank)
+
+    def explain(self, error: BaseException, wait_s: float = 2.0) -> None:
+        """After a collective raised: raise an error naming the lost follower if one went away
+        (waiting up to wait_s for its exit to show), else return."""
+        deadline = time.monotonic() + wait_s
+        while self._failed_rank is None and time.monotonic() < deadline:
+            for rank, follower in enumerate(self.followers, start=1):
+                if follower.exit_status() is not None:
+                    self._mark_lost(rank)
+                    break
+            else:
+                time.sleep(0.05)
+        if self._failed_rank is not None:
+            raise self._lost(self._failed_rank) from error
+
+    def _raise_if_exited(self, when: str) -> None:
+        for rank, follower in enumerate(self.followers, start=1):
+            if follower.exit_status() is not None:
+                raise self._lost(rank, when=when)
+
+    def _mark_lost(self, rank: int) -> None:
+        if self._failed_rank is None:
+            self._failed_rank = rank
+            if self.tp is not None:
+                self.tp.collectives.abort()  # NCCL kernels waiting on the lost rank return
+
+    def _lost(self, rank: int, detail: str | None = None, when: str = "") -> TensorParallelError:
+        """The error for follower `rank`: its exception if it reported one, else how it ended."""
+        self._mark_lost(rank)
+        follower = self.followers[rank - 1]
+        channel = self.channels.get(rank)
+        if rank not in self._fatal and channel is not None:
+            with contextlib.suppress(Exception):
+                if channel.readable(0):
+                    message = channel.recv(1)
+                    if message[0] == "fatal":
+                        self._fatal[rank] = message[1]
+        parts = [follower.name]
+        status = follower.exit_status()
+        if detail:
+            parts.append(detail)
+        elif status is not None:
+            parts.append(status)
+        else:
+            parts.append("stopped answering")
+        if when:
+            parts.append(when)
+        if rank in self._fatal:
+            parts.append(f"after raising {self._fatal[rank]}")
+        return TensorParallelError(" ".join(parts) + ": this engine cannot run")
+
+    def _watch_followers(self) -> None:
+        while not self._stop_watch.wait(WATCH_INTERVAL_S):
+            for rank, follower in enumerate(self.followers, start=1):
+                if follower.exit_status() is not None:
+                    logger.error("%s %s", follower.name, follower.exit_status())
+                    self._mark_lost(rank)
+                    return
+
+    # -- teardown ------------------------------------------------------------------------------------
+
     def close(self) -> None:
+        """Stop the followers (STOP_TIMEOUT_S each, then killed) and free the communicator.
+        Never waits on NCCL; safe to call twice, from a finalizer, at interpreter exit."""
         if self._closed:
             return
         self._closed = True
-        if all(f.alive() for f in self.followers):
-            dist.broadcast_object_list([None], src=0, group=self.commands)
+        self._stop_watch.set()
+        for channel in self.channels.values():
+            with contextlib.suppress(OSError, TimeoutError):
+                channel.send(None, timeout_s=2)
         for follower in self.followers:
-            follower.stop(timeout_s=30)
-        dist.destroy_process_group()
-        set_tensor_parallel(0, 1, None)
+            follower.stop(STOP_TIMEOUT_S)
+        if self.tp is not None:
+            self.tp.collectives.abort()
+        for channel in self.channels.values():
+            channel.close()
+        self._server.close()
+        self._store = None

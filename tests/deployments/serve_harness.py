@@ -77,6 +77,7 @@ def run_app(
             "redis_url": redis_url,
             "base_url": f"http://127.0.0.1:{http_port}",
             "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+            "serve_run": proc,
         }
         _wait_ready(server, proc, log_path, num_records=2 * replicas)
         yield server

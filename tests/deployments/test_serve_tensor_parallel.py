@@ -4,6 +4,8 @@ Greedy completions equal the offline TP=1 engine's; every block comes back."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -49,3 +51,52 @@ def test_tensor_parallel_prefill_and_decode_equal_offline(server):
 
     ranks = [a for a in actors().values() if a["ActorClassName"].endswith("_RankActor")]
     assert sum(a["State"] == "ALIVE" for a in ranks) == 2, ranks
+
+
+def _rank_actors() -> list[dict]:
+    from ray._private.state import actors  # from the GCS: the harness runs no dashboard
+
+    return [a for a in actors().values() if a["ActorClassName"].endswith("_RankActor")]
+
+
+@pytest.mark.timeout(400)
+def test_killed_follower_replica_is_replaced_then_the_app_shuts_down(server):
+    """A follower actor's process killed: its replica's health check fails, Serve replaces the
+    replica (closing the old one does not wait on the dead rank) and the app serves again; then
+    `serve run` stops within a deadline and leaves no rank actor behind. Runs last here: it
+    stops the module's app."""
+    client, model = server["client"], server["model"]
+    alive = [a for a in _rank_actors() if a["State"] == "ALIVE"]
+    assert len(alive) == 2, alive
+    victim = alive[0]
+    os.kill(victim["Pid"], signal.SIGKILL)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = LLM(model, device="cpu", dtype="float32").generate(PROMPTS[:1], params, use_tqdm=False)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        ranks = [a for a in _rank_actors() if a["State"] == "ALIVE"]
+        if len(ranks) == 2 and victim["ActorID"] not in {a["ActorID"] for a in ranks}:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"the replica of the killed rank was not replaced: {_rank_actors()}")
+    deadline = time.time() + 60  # the new replica answers once it is up
+    while True:
+        try:
+            out = client.completions.create(
+                model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                extra_body={"ignore_eos": True}, timeout=30,
+            )  # fmt: skip
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    assert out.choices[0].text == want[0].outputs[0].text
+    proc = server["serve_run"]
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=90)  # raises TimeoutExpired (the test fails) if shutdown hangs
+    deadline = time.time() + 30
+    while any(a["State"] == "ALIVE" for a in _rank_actors()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(a["State"] == "ALIVE" for a in _rank_actors()), _rank_actors()
