@@ -3,7 +3,10 @@
 Each scenario that hung on the old code (a plain script without a `__main__` guard; a second
 engine in one process; a follower that fails to start; close with a stuck follower) runs under a
 deadline (a subprocess timeout, or the test's own timeout), so a regression fails instead of
-stalling the suite. Errors name the rank and how it ended."""
+stalling the suite. Errors name the rank and how it ended.
+
+On GPUs `PDRAY_TP_TEST_DEVICE=cuda` runs the in-process cases (a killed follower, close with a
+stuck follower, an engine dropped without close) over NCCL, one rank per GPU."""
 
 from __future__ import annotations
 
@@ -19,10 +22,20 @@ from pathlib import Path
 import pytest
 from test_parity import greedy, make_prompts, new_llm
 
+from pdray import LLM, SamplingParams
 from pdray.worker import tp_group
 from pdray.worker.tp_group import TensorParallelError
 
 TESTS = Path(__file__).resolve().parent
+DEVICE = os.environ.get("PDRAY_TP_TEST_DEVICE", "cpu")
+
+
+def tp_llm(path, **kwargs) -> LLM:
+    """A TP=2 engine on DEVICE (on CUDA: float32, CUDA graphs on, NCCL with two GPUs)."""
+    engine = {"device": DEVICE, "dtype": "float32", "tensor_parallel_size": 2}
+    if DEVICE != "cpu":
+        engine.update(block_size=16, num_kv_blocks=256)
+    return LLM(str(path), **engine, **kwargs)
 
 
 def run_script(tmp_path: Path, body: str, timeout_s: float = 180) -> str:
@@ -143,7 +156,7 @@ def test_close_with_a_stuck_follower_returns(checkpoint, monkeypatch):
     """A follower that never answers the stop command (SIGSTOP) is killed after STOP_TIMEOUT_S:
     close returns."""
     monkeypatch.setattr(tp_group, "STOP_TIMEOUT_S", 2.0)
-    llm = new_llm(checkpoint("llama3"), tensor_parallel_size=2)
+    llm = tp_llm(checkpoint("llama3"))
     follower = llm.engine.runner.tp_group.followers[0]
     os.kill(follower.pid, signal.SIGSTOP)
     llm.close()
@@ -173,8 +186,54 @@ def test_followers_exit_when_rank0_dies(checkpoint, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_engine_dropped_without_close_stops_its_followers(checkpoint):
-    llm = new_llm(checkpoint("llama3"), tensor_parallel_size=2)
+    llm = tp_llm(checkpoint("llama3"))
     pids = [f.pid for f in llm.engine.runner.tp_group.followers]
     del llm
     gc.collect()
     assert wait_gone(pids, 10) == []
+
+
+def _sum_ranks(runner, scale: float):
+    """On every rank: all-reduce (rank + 1) * scale over the engine's own collectives."""
+    import torch
+
+    from pdray.worker.parallel import all_reduce, bound
+
+    with bound(runner.tp):
+        return all_reduce(torch.full((3,), (runner.tp.rank + 1) * scale)).tolist()
+
+
+@pytest.mark.timeout(120)
+def test_run_together_runs_a_collective_on_every_rank(checkpoint):
+    with new_llm(checkpoint("llama3"), tensor_parallel_size=2) as llm:
+        runner = llm.engine.runner
+        assert runner.tp_group.run_together(_sum_ranks, runner, 2.0) == [6.0, 6.0, 6.0]
+
+
+@pytest.mark.timeout(180)
+def test_follower_killed_while_generating(checkpoint):
+    """A follower killed in the middle of a long generation: generate raises, naming the rank
+    and its signal, within seconds (the watchdog; on NCCL it aborts the communicator so rank 0's
+    kernels waiting on the lost peer return); close afterwards returns."""
+    import threading
+
+    llm = tp_llm(checkpoint("llama3"))
+    follower = llm.engine.runner.tp_group.followers[0]
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    steps = []
+
+    def kill_once_running():
+        while len(steps) < 5:  # outputs are streaming: the step loop is running
+            time.sleep(0.01)
+        os.kill(follower.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_running, daemon=True)
+    killer.start()
+    engine = llm.engine
+    engine.add_request("long", list(range(5, 40)), params)
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(process\) was killed by SIGKILL"):
+        while engine.has_unfinished_requests():
+            steps.append(engine.step())
+    assert time.monotonic() - start < 60
+    llm.close()

@@ -49,6 +49,7 @@ from pdray.config import EngineConfig
 from pdray.worker.batch import SamplingRow, StepBatch
 from pdray.worker.cuda_graph import DecodeCudaGraphs
 from pdray.worker.model_runner import ModelRunner
+from pdray.worker.parallel import all_reduce, bound
 
 
 def measure_matmul_tflops(size: int = 8192) -> float:
@@ -204,6 +205,37 @@ def bench_decode_tp(runner, counts, batch_sizes, context_len, read_gbps, iters):
         print(f"decode b={n:4d} ctx={context_len}: execute {execute_ms:7.3f} ms (incl. broadcast "
               f"to the followers), bound per GPU {bound_ms:7.3f} ms, "
               f"bound/execute {bound_ms / execute_ms:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def time_all_reduces(runner: ModelRunner, token_counts: list[int], iters: int) -> dict:
+    """Median device ms of one all-reduce of [tokens, hidden] in the model's dtype, per token
+    count, on this rank's collectives (every rank runs it at once: `tp_group.run_together`)."""
+    out = {}
+    with bound(runner.tp):
+        for tokens in token_counts:
+            x = torch.randn(tokens, runner.arch.hidden_size, dtype=runner.dtype,
+                            device=runner.device)  # fmt: skip
+            out[tokens] = device_median_ms(lambda x=x: all_reduce(x), iters)
+    return out
+
+
+def bench_all_reduce(runner, counts, token_counts, steps: dict, iters: int = 50) -> list[dict]:
+    """All-reduce time per step (eager, outside CUDA graphs, so an upper bound for graph
+    replays): a forward has one all-reduce after the embedding and two per layer (attention
+    output, MLP down projection) of [tokens, hidden]; `steps` maps token count -> the step's
+    measured ms, for the fraction."""
+    per_call = runner.tp_group.run_together(time_all_reduces, runner, token_counts, iters)
+    calls = 2 * counts["num_layers"] + 1
+    rows = []
+    for tokens in token_counts:
+        per_step = calls * per_call[tokens]
+        rows.append({"tokens": tokens, "all_reduce_ms": per_call[tokens], "calls_per_step": calls,
+                     "per_step_ms": per_step, "step_ms": steps.get(tokens),
+                     "fraction_of_step": per_step / steps[tokens] if tokens in steps else None})  # fmt: skip
+        share = f", {per_step / steps[tokens]:.3f} of the step" if tokens in steps else ""
+        print(f"all-reduce of [{tokens}, hidden]: {per_call[tokens] * 1e3:.1f} us; x{calls} per "
+              f"step = {per_step:.3f} ms{share}", flush=True)  # fmt: skip
     return rows
 
 
@@ -543,6 +575,10 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
         runner, counts, args.context_len, args.prefill_lens, read_gbps, matmul_tflops
     )
     result["prefill"] = bench_prefill(runner, counts, args.prefill_lens, matmul_tflops, 5)
+    if tp > 1:
+        steps = {r["batch"]: r["execute_ms"] for r in result["decode"]}
+        steps.update({r["prompt_len"]: r["ms"] for r in result["prefill"]})
+        result["all_reduce"] = bench_all_reduce(runner, counts, sorted(steps), steps)
     if "hf_generate_batch1_ms_per_token" in result:
         pdray_ms = next(r["step_ms"] for r in result["decode"] if r["batch"] == 1)
         result["speedup_vs_hf_batch1"] = result["hf_generate_batch1_ms_per_token"] / pdray_ms

@@ -43,6 +43,17 @@ def compare_reports(base: dict, other: dict, field: str = "execute_ms") -> list[
     ]
 
 
+def compare_prefill(base: dict, other: dict) -> list[dict]:
+    """Prefill ms of two reports per prompt length both measured, with ratio = other / base."""
+    base_ms = {r["prompt_len"]: r["ms"] for r in base.get("prefill", [])}
+    other_ms = {r["prompt_len"]: r["ms"] for r in other.get("prefill", [])}
+    return [
+        {"prompt_len": n, "base_ms": base_ms[n], "other_ms": other_ms[n],
+         "ratio": other_ms[n] / base_ms[n]}
+        for n in sorted(base_ms.keys() & other_ms.keys())
+    ]  # fmt: skip
+
+
 def run_compare(base_path: str, other_path: str) -> dict:
     """`--compare`: read two saved reports and print their decode execute_ms ratios."""
     reports = []
@@ -58,6 +69,10 @@ def run_compare(base_path: str, other_path: str) -> dict:
     for r in rows:
         print(f"  batch {r['batch']:4d} ctx {r['context_len']}: TP{tp_other} {r['other_ms']:.3f} "
               f"ms / TP{tp_base} {r['base_ms']:.3f} ms = {r['ratio']:.3f}")  # fmt: skip
+    prefill = compare_prefill(base, other)
+    for r in prefill:
+        print(f"  prefill {r['prompt_len']:5d} tokens: TP{tp_other} {r['other_ms']:.2f} ms / "
+              f"TP{tp_base} {r['base_ms']:.2f} ms = {r['ratio']:.3f}")  # fmt: skip
     if base.get("gpu") != other.get("gpu"):
         print(f"note: different GPUs ({base.get('gpu')!r} vs {other.get('gpu')!r})")
     return {
@@ -67,4 +82,5 @@ def run_compare(base_path: str, other_path: str) -> dict:
         "other_tensor_parallel_size": tp_other,
         "field": "execute_ms",
         "decode": rows,
+        "prefill": prefill,
     }

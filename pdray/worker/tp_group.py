@@ -404,6 +404,15 @@ class TensorParallelGroup:
         """On every follower, `target = cls(runner, *args)`; returns once they all have it."""
         self.call(_CREATE, cls, *args, target=target)
 
+    def run_together(self, fn, runner, *args):
+        """`fn(runner, *args)` on every rank at once (for collectives outside a forward, e.g. a
+        benchmark's): rank 0's result; the followers' are discarded once they have finished."""
+        self.broadcast(_CREATE, fn, *args, target="run_together", reply=True)
+        try:
+            return fn(runner, *args)
+        finally:
+            self.gather()
+
     def _receive(self, rank: int, timeout_s: float, doing: str):
         channel = self.channels[rank]
         deadline = time.monotonic() + timeout_s

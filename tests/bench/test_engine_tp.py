@@ -69,6 +69,19 @@ def test_compare_prints_the_ratio_per_shared_batch_size(tmp_path, capsys):
     assert "different GPUs" not in out
 
 
+def test_compare_prints_the_prefill_ratio_per_shared_prompt_length(tmp_path, capsys):
+    prefill = {8192: 400.0, 1024: 40.0}
+    tp1 = _write(tmp_path / "tp1.json", _report(1, {1: 5.0}, prefill=[
+        {"prompt_len": n, "ms": ms} for n, ms in prefill.items()]))  # fmt: skip
+    tp2 = _write(tmp_path / "tp2.json", _report(2, {1: 3.5}, prefill=[
+        {"prompt_len": 8192, "ms": 220.0}]))  # fmt: skip
+
+    result = engine.main(["--compare", tp1, tp2])
+
+    assert [(r["prompt_len"], r["ratio"]) for r in result["prefill"]] == [(8192, 0.55)]
+    assert "prefill  8192 tokens: TP2 220.00 ms / TP1 400.00 ms = 0.550" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("other", "message"),
     [
