@@ -10,7 +10,6 @@ stuck follower, an engine dropped without close) over NCCL, one rank per GPU."""
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import subprocess
@@ -38,14 +37,20 @@ def tp_llm(path, **kwargs) -> LLM:
     return LLM(str(path), **engine, **kwargs)
 
 
+def script_env() -> dict:
+    """This process's environment with the tests folder and this process's import path."""
+    path = [str(TESTS), *(p for p in sys.path if p)]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
 def run_script(tmp_path: Path, body: str, timeout_s: float = 180) -> str:
     """Run `body` as a plain script (no __main__ guard) in a fresh interpreter; its stdout."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(body))
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout_s, env=env
-    )
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout_s,
+        env=script_env(),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout
 
@@ -176,21 +181,32 @@ def test_followers_exit_when_rank0_dies(checkpoint, tmp_path):
         print([f.pid for f in llm.engine.runner.tp_group.followers], flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """))  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env
-    )
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90,
+        env=script_env(),
+    )  # fmt: skip
     assert done.returncode == -signal.SIGKILL, done.stderr[-4000:]
     assert wait_gone(eval(done.stdout.strip()), 10) == []
 
 
-@pytest.mark.timeout(120)
-def test_engine_dropped_without_close_stops_its_followers(checkpoint):
-    llm = tp_llm(checkpoint("llama3"))
-    pids = [f.pid for f in llm.engine.runner.tp_group.followers]
-    del llm
-    gc.collect()
-    assert wait_gone(pids, 10) == []
+@pytest.mark.timeout(240)
+def test_engine_dropped_without_close_stops_its_followers(checkpoint, tmp_path):
+    """Collected without close(): the finalizer frees the CUDA graphs, then stops the group. In
+    a subprocess, so even a hang that holds the GIL fails the test instead of stalling it."""
+    path = checkpoint("llama3")
+    out = run_script(tmp_path, f"""
+        import gc
+        from test_tensor_parallel_lifecycle import greedy, make_prompts, tp_llm
+        llm = tp_llm({str(path)!r})
+        greedy(llm, make_prompts(seed=13))
+        print("FOLLOWERS", [f.pid for f in llm.engine.runner.tp_group.followers], flush=True)
+        del llm
+        gc.collect()
+        print("COLLECTED ok", flush=True)
+    """, timeout_s=180)  # fmt: skip
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    assert lines["COLLECTED"] == "ok"
+    assert wait_gone(eval(lines["FOLLOWERS"]), 10) == []
 
 
 def _sum_ranks(runner, scale: float):

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 
 from pdray.bench.engine_compare import run_compare
 from pdray.bench.hf_baseline import hf_decode_ms_per_token
+from pdray.bench.rank_tasks import fill_kv_cache_normal, time_all_reduces
 from pdray.bench.timing import device_median_ms, wall_median_ms
 from pdray.config import EngineConfig
 from pdray.worker.batch import SamplingRow, StepBatch
 from pdray.worker.cuda_graph import DecodeCudaGraphs
 from pdray.worker.model_runner import ModelRunner
-from pdray.worker.parallel import all_reduce, bound
 
 
 def measure_matmul_tflops(size: int = 8192) -> float:
@@ -208,18 +208,6 @@ def bench_decode_tp(runner, counts, batch_sizes, context_len, read_gbps, iters):
     return rows
 
 
-def time_all_reduces(runner: ModelRunner, token_counts: list[int], iters: int) -> dict:
-    """Median device ms of one all-reduce of [tokens, hidden] in the model's dtype, per token
-    count, on this rank's collectives (every rank runs it at once: `tp_group.run_together`)."""
-    out = {}
-    with bound(runner.tp):
-        for tokens in token_counts:
-            x = torch.randn(tokens, runner.arch.hidden_size, dtype=runner.dtype,
-                            device=runner.device)  # fmt: skip
-            out[tokens] = device_median_ms(lambda x=x: all_reduce(x), iters)
-    return out
-
-
 def bench_all_reduce(runner, counts, token_counts, steps: dict, iters: int = 50) -> list[dict]:
     """All-reduce time per step (eager, outside CUDA graphs, so an upper bound for graph
     replays): a forward has one all-reduce after the embedding and two per layer (attention
@@ -237,13 +225,6 @@ def bench_all_reduce(runner, counts, token_counts, steps: dict, iters: int = 50)
         print(f"all-reduce of [{tokens}, hidden]: {per_call[tokens] * 1e3:.1f} us; x{calls} per "
               f"step = {per_step:.3f} ms{share}", flush=True)  # fmt: skip
     return rows
-
-
-def fill_kv_cache_normal(runner: ModelRunner) -> None:
-    """Random KV values on this rank (a decode step then reads non-trivial data). With tensor
-    parallel, rank 0 also has every follower run it: `tp_group.create(name, fill_kv_cache_normal)`
-    calls it with the follower's runner and keeps the None it returns."""
-    runner.kv_cache.normal_()
 
 
 def profile_decode(runner, counts, batch_sizes, context_len, read_gbps, steps: int = 5) -> dict:

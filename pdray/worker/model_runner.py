@@ -51,7 +51,7 @@ class ModelRunner:
         family, self.arch, _ = load_model_config(config.model)
         self.tp = current()  # a follower rank is built inside its group's binding
         self.tp_group = None  # rank 0 of a tensor-parallel engine drives the other ranks
-        self.graphs = None
+        self._owned: dict = {"graphs": None}  # shared with the finalizer (it never holds self)
         if config.tensor_parallel_size > 1 and self.tp.size == 1:
             from pdray.worker.tp_group import TensorParallelGroup, check_shardable
 
@@ -60,7 +60,7 @@ class ModelRunner:
             self.tp = self.tp_group.tp
             # dropped without close() (a notebook's second LLM), or at interpreter exit: the
             # followers stop; the finalizer holds the group, not the runner
-            self._finalizer = weakref.finalize(self, self.tp_group.close)
+            self._finalizer = weakref.finalize(self, _close_group, self._owned, self.tp_group)
         try:
             with bound(self.tp):
                 self._build(config, family)
@@ -69,6 +69,15 @@ class ModelRunner:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def graphs(self):
+        """The decode CUDA graphs (None before capture, on CPU, or eager)."""
+        return self._owned["graphs"]
+
+    @graphs.setter
+    def graphs(self, graphs) -> None:
+        self._owned["graphs"] = graphs
 
     def _build(self, config: EngineConfig, family: str) -> None:
         self.rank = self.tp.rank
@@ -327,3 +336,10 @@ class ModelRunner:
         self.kv_cache = self.model = None
         if getattr(self, "device", None) is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _close_group(owned: dict, group) -> None:
+    """A tensor-parallel runner's finalizer: free its CUDA graphs, whose NCCL kernels must not
+    outlive the communicator, then stop the group."""
+    owned.clear()
+    group.close()

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from pdray.config import EngineConfig
 from pdray.worker.parallel import Collectives, TensorParallel, bound
-from pdray.worker.tp_channel import Channel, PeerGone, accept
+from pdray.worker.tp_channel import SEND_TIMEOUT_S, Channel, PeerGone, accept, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ READY_TIMEOUT_S = 1800.0  # every follower has built its shard of the model (loa
 REPLY_TIMEOUT_S = 600.0  # a command with a reply (graph capture, a KV hand-off) answers
 STOP_TIMEOUT_S = 10.0  # a follower exits after the stop command, else it is killed
 RENDEZVOUS_TIMEOUT_S = 60.0  # the collectives' process group forms (its store's deadline)
-COLLECTIVE_TIMEOUT_S = 300.0  # one collective's wait for its peers: a backstop to the watchdog
+COLLECTIVE_TIMEOUT_S = 120.0  # one collective's wait for its peers: a backstop to the watchdog
 WATCH_INTERVAL_S = 0.5
 
 
@@ -125,7 +125,7 @@ def follow(address: tuple[str, int], rank: int, token: str) -> None:
         target=_exit_when_closed, args=(channel, stopping, rank), daemon=True,
         name=f"pdray-tp{rank}-watch",
     ).start()  # fmt: skip
-    tp, targets = None, {}
+    targets = {}
     try:
         channel.send(("hello", rank, token))
         _, config, store_address = channel.recv(JOIN_TIMEOUT_S)
@@ -151,8 +151,9 @@ def follow(address: tuple[str, int], rank: int, token: str) -> None:
             if close is not None:
                 with contextlib.suppress(Exception):
                     close()
-        if tp is not None:
-            tp.collectives.abort()
+        # No abort of this rank's communicator: the process exits next (an actor is killed by
+        # rank 0), and a peer's clean abort while rank 0 still holds CUDA graphs with NCCL
+        # kernels made rank 0's own abort hang on two H200s.
         channel.close()
 
 
@@ -381,8 +382,10 @@ class TensorParallelGroup:
         for rank, channel in self.channels.items():
             try:
                 channel.send(message)
-            except (PeerGone, TimeoutError) as e:
-                raise self._lost(rank, str(e)) from e
+            except PeerGone as e:
+                raise self._lost(rank) from e
+            except TimeoutError as e:
+                raise self._lost(rank, f"took no command for {SEND_TIMEOUT_S:.0f} s") from e
 
     def gather(self) -> list:
         """The followers' return values of the last command broadcast with reply, rank order."""
@@ -478,7 +481,8 @@ class TensorParallelGroup:
                     if message[0] == "fatal":
                         self._fatal[rank] = message[1]
         parts = [follower.name]
-        status = follower.exit_status()
+        # its connection breaks a moment before its exit shows: give the exit time to show
+        status = wait_until(follower.exit_status, 0 if detail else 2.0)
         if detail:
             parts.append(detail)
         elif status is not None:
