@@ -18,10 +18,13 @@ for step in $steps; do
     case $step in
     1)
         PDRAY_TP_TEST_DEVICE=cuda python -m pytest -q tests/test_tensor_parallel.py \
-            -k tp2_equals -p no:cacheprovider | tee "$out/tp_parity.txt"
-        python -m pdray.bench.engine --model $model --batch-sizes 1 64 --no-hf \
-            --tensor-parallel-size 1 --out "$out/engine_tp1.json"
-        python -m pdray.bench.engine --model $model --batch-sizes 1 64 \
+            tests/test_tensor_parallel_lifecycle.py -k "not placement" -p no:cacheprovider \
+            | tee "$out/tp_parity.txt"
+        python -m pytest -q tests/kv_transfer/test_tensor_parallel_transfer.py -k cuda_ipc \
+            -p no:cacheprovider | tee "$out/pd_tp.txt"
+        python -m pdray.bench.engine --model $model --batch-sizes 1 64 --prefill-lens 8192 \
+            --no-hf --tensor-parallel-size 1 --out "$out/engine_tp1.json"
+        python -m pdray.bench.engine --model $model --batch-sizes 1 64 --prefill-lens 8192 \
             --tensor-parallel-size 2 --out "$out/engine_tp2.json"
         python -m pdray.bench.engine --compare "$out/engine_tp1.json" "$out/engine_tp2.json" \
             | tee "$out/engine_tp2_over_tp1.txt"
