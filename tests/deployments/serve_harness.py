@@ -30,10 +30,12 @@ MAX_MODEL_LEN = 2048  # long streams: they must outlast the kill test's set-up o
 
 
 def run_app(
-    path: Path, tmp_dir: Path, replicas: int = 2, tensor_parallel: tuple[int, int] = (1, 1)
-):
+    path: Path, tmp_dir: Path, replicas: int = 2, tensor_parallel: tuple[int, int] = (1, 1),
+    mixed: int = 0,
+):  # fmt: skip
     """Start Redis, Ray and the app (`replicas` prefill and decode, of tensor-parallel sizes
-    `tensor_parallel`); yield what tests need; stop all three."""
+    `tensor_parallel`; or, with `mixed`, that many mixed replicas alone); yield what tests need;
+    stop all three."""
     redis_server = RedisServer()
     redis_url = redis_server.start()
     metrics_port, http_port = free_port(), free_port()
@@ -44,9 +46,11 @@ def run_app(
     args.update(model=str(path), device="cpu", dtype="float32", redis_url=redis_url,
                 scheduler_ttl_s=3, lease_s=5)  # fmt: skip
     for role, tp in zip(("prefill", "decode"), tensor_parallel, strict=True):
-        args[role]["replicas"] = replicas
+        args[role]["replicas"] = 0 if mixed else replicas
         args[role]["tensor_parallel_size"] = tp
         args[role]["engine_args"] = {"num_kv_blocks": 1024, "max_model_len": MAX_MODEL_LEN}
+    if mixed:
+        args["mixed"] = {"replicas": mixed, "engine_args": args["decode"]["engine_args"]}
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     config_path = tmp_dir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -79,7 +83,7 @@ def run_app(
             "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
             "serve_run": proc,
         }
-        _wait_ready(server, proc, log_path, num_records=2 * replicas)
+        _wait_ready(server, proc, log_path, num_records=mixed or 2 * replicas)
         yield server
     finally:
         if proc is not None:

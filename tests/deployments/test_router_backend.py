@@ -77,6 +77,7 @@ class FakeInstances:
         self.first = first or {}  # decode instance -> first token it recomputed (default 7)
         self.hold_decode: asyncio.Event | None = None  # decode streams once it is set
         self.attached: list[str] = []
+        self.aborted: list[tuple[str, str]] = []  # (instance, attempt id) of each abort call
 
     def options(self, **_):
         return self
@@ -114,7 +115,7 @@ class FakeInstances:
         return True
 
     async def _abort(self, replica_id, request_id):
-        return None
+        self.aborted.append((replica_id, request_id))
 
 
 def _out(request_id: str, tokens: list[int], reason: str | None) -> RequestOutput:
@@ -357,6 +358,48 @@ def test_a_retry_that_samples_another_first_token_is_an_error_not_a_repeat(check
             async for output in backend.generate("r", [1, 2], SamplingParams(max_tokens=2)):
                 sent.append(output.outputs[0].token_ids)
         assert sent == [[7]]  # nothing contradicting it reached the client
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_decode_dying_mid_stream_aborts_the_attempt_on_prefill_and_retries(checkpoint, redis_url):
+    """Decode d0 dies after the first token came from prefill (one token sent: resumable): d0 is
+    marked down and not called again, the attempt is aborted on prefill, and d1 serves the
+    request without repeating the first token."""
+
+    async def main():
+        died = RuntimeError("ActorDiedError: the actor died unexpectedly")
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5, "d1": 5}, fails={"d0": died}, app_name="died",
+            max_attempts=2,
+        )  # fmt: skip
+        backend.snapshot.picker = _in_order()
+        outputs = await _generate(backend, max_tokens=2)
+        assert _tokens(outputs) == [[7], [7, 8]]
+        await asyncio.gather(*backend._background)  # the background abort of the first attempt
+        prefill, decode = backend._handles[Role.PREFILL], backend._handles[Role.DECODE]
+        assert [i for i, _ in prefill.aborted] == ["p0", "p0"]  # each attempt, once it ended
+        assert len({a for _, a in prefill.aborted}) == 2  # two attempts, two ids
+        assert "d0" not in {i for i, _ in decode.aborted}  # the dead one is not called
+        assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_fail_policy_aborts_the_request_on_both_instances(checkpoint, redis_url):
+    async def main():
+        fail = HandoffFailed(FailureKind.FAILED, "KV transfer lease expired")
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5}, fails={"d0": fail}, app_name="fail-abort"
+        )
+        with pytest.raises(RuntimeError, match="did not reach decode"):
+            await _generate(backend, max_tokens=2)
+        prefill, decode = backend._handles[Role.PREFILL], backend._handles[Role.DECODE]
+        assert [i for i, _ in prefill.aborted] == ["p0"]
+        assert [i for i, _ in decode.aborted] == ["d0"]  # alive: its reservation is released
+        assert prefill.aborted[0][1] == decode.aborted[0][1]  # the same attempt
         await backend.snapshot.stop()
 
     asyncio.run(main())

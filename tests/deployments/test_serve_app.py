@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from typing import NamedTuple
 
 import pytest
 
@@ -31,6 +32,7 @@ TTFT_COUNT = "ray_pdray_time_to_first_token_seconds_count"
 REQUESTS = "ray_pdray_requests_total"
 PICKS = "ray_pdray_routing_decisions_total"
 KV_BYTES = "ray_pdray_kv_transfer_bytes_total"
+SNAPSHOT_REFRESH_S = 1.0  # the router re-reads Redis every TTL / 4 (the harness's TTL is 3 s)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,7 @@ def test_decode_replica_killed_mid_run(server):
                         break
             return text
         except openai.APIError as e:
-            return e
+            return StreamFailed(text, e)  # keeps what was streamed before the error
 
     def async_client():
         base_url = f"{server['base_url']}/v1"
@@ -223,6 +225,15 @@ def test_decode_replica_killed_mid_run(server):
         while sum(k[0] == kind for k in first_chunk_s) < count:
             assert time.monotonic() < deadline, f"{kind} requests do not stream"
             await asyncio.sleep(0.01)
+
+    async def running_in_redis(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            records = instance_records(server).values()
+            if sum(r["running_requests"] for r in records if r["role"] == "decode") >= count:
+                return
+            assert time.monotonic() < deadline, f"records never showed {count} running: {records}"
+            await asyncio.sleep(0.05)
 
     async def main():
         async with async_client() as aclient:
@@ -244,7 +255,8 @@ def test_decode_replica_killed_mid_run(server):
         # heartbeat and a snapshot refresh) before it places the next three
         longs = start("long", range(3), long_prompts, long_tokens)
         await streaming("long", 3)
-        await asyncio.sleep(2.5)
+        await running_in_redis(3)  # a heartbeat carried the load to Redis,
+        await asyncio.sleep(SNAPSHOT_REFRESH_S)  # and the router's snapshot read it since
         longs += start("long", range(3, 6), long_prompts, long_tokens)
         await streaming("long", 6)
         assert all(s["running_requests"] >= 1 for s in (await stats()).values())
@@ -269,17 +281,20 @@ def test_decode_replica_killed_mid_run(server):
 
     victim, dead_s, longs, shorts = asyncio.run(main())
     died = f"decode instance {victim} failed after streaming"
-    assert any(isinstance(r, Exception) for r in longs)  # the victim was streaming some
+    assert any(isinstance(r, StreamFailed) for r in longs)  # the victim was streaming some
     for i, result in enumerate(longs):
-        if isinstance(result, Exception):
-            assert died in str(result)
+        if isinstance(result, StreamFailed):
+            assert died in str(result.error)
+            # what reached the client before the error is the right text, nothing repeated
+            assert result.text and want_long[i].startswith(result.text), (i, result.text)
         else:  # streamed by the other decode replica, correct so far
             assert result and want_long[i].startswith(result), f"long request {i}: {result!r}"
     for i, result in enumerate(shorts):
         streamed_before_death = first_chunk_s.get(("short", i), dead_s + 2) < dead_s + 1
-        if isinstance(result, Exception) and streamed_before_death:
-            assert died in str(result)
-        else:
+        if isinstance(result, StreamFailed) and streamed_before_death:
+            assert died in str(result.error)
+            assert want[i].startswith(result.text), (i, result.text)
+        else:  # retried on the other decode replica: complete, the first token not repeated
             assert result == want[i], f"request {i}: {result!r}"
     # the victim's record is gone (deleted when marked down, else expired after the TTL)
     deadline = time.time() + 3 + 5
@@ -290,7 +305,7 @@ def test_decode_replica_killed_mid_run(server):
     # token yet, which the router moved to the other decode replica
     picks = settled_scrape(server, PICKS)
     failed_calls = picks.value(PICKS, replica=victim, outcome="failed")
-    assert failed_calls > sum(isinstance(r, Exception) for r in longs + shorts)
+    assert failed_calls > sum(isinstance(r, StreamFailed) for r in longs + shorts)
 
     assert asyncio.run(together("more", prompts[:4])) == want[:4]
     later = settled_scrape(server, PICKS)
@@ -310,6 +325,13 @@ def test_decode_replica_killed_mid_run(server):
     assert {i: r["free_kv_blocks"] for i, r in records.items()} == {
         i: r["total_kv_blocks"] for i, r in records.items()
     }
+
+
+class StreamFailed(NamedTuple):
+    """A streamed request that ended in an error, with the text streamed before it."""
+
+    text: str
+    error: Exception
 
 
 def _replica_actor(replica_id: str):
