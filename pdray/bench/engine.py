@@ -212,18 +212,29 @@ def bench_all_reduce(runner, counts, token_counts, steps: dict, iters: int = 50)
     """All-reduce time per step (eager, outside CUDA graphs, so an upper bound for graph
     replays): a forward has one all-reduce after the embedding and two per layer (attention
     output, MLP down projection) of [tokens, hidden]; `steps` maps token count -> the step's
-    measured ms, for the fraction."""
+    measured ms, for the fraction. `all_reduce_ms` is the path the model takes (the peer
+    all-reduce of kernels/all_reduce.py up to its size limit, else NCCL), `nccl_ms` NCCL's."""
     per_call = runner.tp_group.run_together(time_all_reduces, runner, token_counts, iters)
+    fast = runner.tp.collectives.fast
     calls = 2 * counts["num_layers"] + 1
     rows = []
     for tokens in token_counts:
-        per_step = calls * per_call[tokens]
-        rows.append({"tokens": tokens, "all_reduce_ms": per_call[tokens], "calls_per_step": calls,
-                     "per_step_ms": per_step, "step_ms": steps.get(tokens),
+        used, nccl = per_call[tokens]
+        path = (
+            "peer"
+            if fast is not None
+            and tokens * runner.arch.hidden_size * runner.dtype.itemsize <= fast.max_bytes
+            else "nccl"
+        )
+        per_step = calls * used
+        rows.append({"tokens": tokens, "path": path, "all_reduce_ms": used, "nccl_ms": nccl,
+                     "calls_per_step": calls, "per_step_ms": per_step,
+                     "step_ms": steps.get(tokens),
                      "fraction_of_step": per_step / steps[tokens] if tokens in steps else None})  # fmt: skip
         share = f", {per_step / steps[tokens]:.3f} of the step" if tokens in steps else ""
-        print(f"all-reduce of [{tokens}, hidden]: {per_call[tokens] * 1e3:.1f} us; x{calls} per "
-              f"step = {per_step:.3f} ms{share}", flush=True)  # fmt: skip
+        print(f"all-reduce of [{tokens}, hidden]: {used * 1e3:.1f} us ({path}; NCCL "
+              f"{nccl * 1e3:.1f} us); x{calls} per step = {per_step:.3f} ms{share}",
+              flush=True)  # fmt: skip
     return rows
 
 

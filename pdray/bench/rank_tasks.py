@@ -20,11 +20,15 @@ def fill_kv_cache_normal(runner: ModelRunner) -> None:
 
 def time_all_reduces(runner: ModelRunner, token_counts: list[int], iters: int) -> dict:
     """Median device ms of one all-reduce of [tokens, hidden] in the model's dtype, per token
-    count, on this rank's collectives (every rank runs it at once: `tp_group.run_together`)."""
+    count: (the path the model takes, NCCL alone), on this rank's collectives (every rank runs it
+    at once: `tp_group.run_together`)."""
     out = {}
+    backend = runner.tp.collectives.backend
     with bound(runner.tp):
         for tokens in token_counts:
             x = torch.randn(tokens, runner.arch.hidden_size, dtype=runner.dtype,
                             device=runner.device)  # fmt: skip
-            out[tokens] = device_median_ms(lambda x=x: all_reduce(x), iters)
+            used = device_median_ms(lambda x=x: all_reduce(x), iters)
+            nccl = device_median_ms(lambda x=x: backend.allreduce([x]).wait(), iters)
+            out[tokens] = (used, nccl)
     return out

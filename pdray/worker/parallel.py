@@ -20,20 +20,26 @@ class Collectives:
     """The model's collectives over one process group backend (gloo or NCCL) built for a single
     engine (pdray/worker/tp_group.py), not torch.distributed's process-wide default group."""
 
-    def __init__(self, backend, kind: str):
+    def __init__(self, backend, kind: str, fast=None):
         self.backend = backend
         self.kind = kind  # "gloo" or "nccl"
+        self.fast = fast  # kernels/all_reduce.PeerAllReduce for small messages, or None
 
     def all_reduce(self, x: torch.Tensor) -> None:
-        self.backend.allreduce([x]).wait()
+        if self.fast is not None and self.fast.fits(x):
+            self.fast(x)
+        else:
+            self.backend.allreduce([x]).wait()
 
     def all_gather(self, parts: list[torch.Tensor], x: torch.Tensor) -> None:
         self.backend.allgather([parts], [x]).wait()
 
     def abort(self) -> None:
-        """Make NCCL kernels stuck on a lost peer return, and free the communicator without
+        """Make kernels stuck on a lost peer return, and free NCCL's communicator without
         waiting for the peers (NCCL's orderly destroy waits for them: the old hang at close).
         gloo needs nothing: a peer that goes away closes its sockets and the call raises."""
+        if self.fast is not None:
+            self.fast.abort()  # its kernels spinning on a lost peer return
         if self.kind == "nccl":
             with contextlib.suppress(Exception):
                 self.backend.abort()

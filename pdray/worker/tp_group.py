@@ -100,15 +100,24 @@ def join_collectives(config: EngineConfig, rank: int, store: dist.Store) -> Tens
     size = config.tensor_parallel_size
     prefixed = dist.PrefixStore(f"pdray-tp/{kind}", store)
     timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    fast = None
     if kind == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
+        if os.environ.get("PDRAY_PEER_ALL_REDUCE", "1") != "0":
+            from kernels.all_reduce import setup_peer_all_reduce
+
+            device = torch.device("cuda", torch.cuda.current_device())
+            fast, error = setup_peer_all_reduce(rank, size, device, prefixed)
+            if fast is None:
+                logger.warning("rank %d: peer all-reduce off (%s); NCCL for every size", rank,
+                               error or "another rank could not set it up")  # fmt: skip
     elif kind == "gloo":
         backend = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
     else:
         raise ValueError(f"tensor_parallel_backend {kind!r}: use 'auto', 'nccl' or 'gloo'")
-    return TensorParallel(rank, size, Collectives(backend, kind))
+    return TensorParallel(rank, size, Collectives(backend, kind, fast))
 
 
 # -- a follower rank ------------------------------------------------------------------------------
