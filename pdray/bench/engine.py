@@ -209,11 +209,11 @@ def bench_decode_tp(runner, counts, batch_sizes, context_len, read_gbps, iters):
 
 
 def bench_all_reduce(runner, counts, token_counts, steps: dict, iters: int = 50) -> list[dict]:
-    """All-reduce time per step (eager, outside CUDA graphs, so an upper bound for graph
-    replays): a forward has one all-reduce after the embedding and two per layer (attention
-    output, MLP down projection) of [tokens, hidden]; `steps` maps token count -> the step's
-    measured ms, for the fraction. `all_reduce_ms` is the path the model takes (the peer
-    all-reduce of kernels/all_reduce.py up to its size limit, else NCCL), `nccl_ms` NCCL's."""
+    """All-reduce time per step: a forward has one all-reduce after the embedding and two per
+    layer (attention output, MLP down projection) of [tokens, hidden], each timed replayed from a
+    CUDA graph; `steps` maps token count -> the step's measured ms, for the fraction.
+    `all_reduce_ms` is the path the model takes (the peer all-reduce of kernels/all_reduce.py up
+    to its size limit, else NCCL), `nccl_ms` NCCL's."""
     per_call = runner.tp_group.run_together(time_all_reduces, runner, token_counts, iters)
     fast = runner.tp.collectives.fast
     calls = 2 * counts["num_layers"] + 1
@@ -528,9 +528,12 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
               "baseline (it needs the whole model); counts and bounds per GPU (rank 0's shard)",
               flush=True)  # fmt: skip
     elif not args.no_hf:
-        hf_ms = hf_decode_ms_per_token(runner, args.context_len)
+        hf_ms, check = hf_decode_ms_per_token(runner, args.context_len)
         result["hf_generate_batch1_ms_per_token"] = hf_ms
+        result["hf_token_check"] = check.as_dict()  # same_tokens: whether the ratio is fair
         print(f"transformers generate, batch 1: {hf_ms:.3f} ms/token", flush=True)
+        print(check.describe() if check.same_tokens else f"warning: {check.describe()}",
+              flush=True)  # fmt: skip
     num_blocks = max(max_batch * -(-args.context_len // config.block_size),
                      -(-max_len // config.block_size))  # fmt: skip
     if tp == 1:
@@ -574,7 +577,9 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
     if "hf_generate_batch1_ms_per_token" in result:
         pdray_ms = next(r["step_ms"] for r in result["decode"] if r["batch"] == 1)
         result["speedup_vs_hf_batch1"] = result["hf_generate_batch1_ms_per_token"] / pdray_ms
-        print(f"batch-1 decode: {result['speedup_vs_hf_batch1']:.2f}x transformers generate")
+        same = result["hf_token_check"]["same_tokens"]
+        print(f"batch-1 decode: {result['speedup_vs_hf_batch1']:.2f}x transformers generate"
+              + ("" if same else " (warning: the two produced different tokens)"))  # fmt: skip
     return result
 
 

@@ -19,16 +19,27 @@ def fill_kv_cache_normal(runner: ModelRunner) -> None:
 
 
 def time_all_reduces(runner: ModelRunner, token_counts: list[int], iters: int) -> dict:
-    """Median device ms of one all-reduce of [tokens, hidden] in the model's dtype, per token
-    count: (the path the model takes, NCCL alone), on this rank's collectives (every rank runs it
-    at once: `tp_group.run_together`)."""
+    """Device ms of one all-reduce of [tokens, hidden] in the model's dtype, per token count:
+    (the path the model takes, NCCL alone), each replayed from a CUDA graph of `iters`
+    consecutive all-reduces (as decode runs them; eager timing would add the launch), on this
+    rank's collectives (every rank runs it at once: `tp_group.run_together`)."""
     out = {}
     backend = runner.tp.collectives.backend
+
+    def graphed(fn, x):
+        fn(x)  # warm-up: compiles, creates NCCL's communicator
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn(x)
+        return device_median_ms(graph.replay, 5) / iters
+
     with bound(runner.tp):
         for tokens in token_counts:
             x = torch.randn(tokens, runner.arch.hidden_size, dtype=runner.dtype,
                             device=runner.device)  # fmt: skip
-            used = device_median_ms(lambda x=x: all_reduce(x), iters)
-            nccl = device_median_ms(lambda x=x: backend.allreduce([x]).wait(), iters)
+            used = graphed(all_reduce, x)
+            nccl = graphed(lambda x: backend.allreduce([x]).wait(), x)
             out[tokens] = (used, nccl)
     return out
