@@ -10,6 +10,7 @@ that child, since a process holds one tensor-parallel group. With a GPU the same
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import sys
 import time
@@ -38,6 +39,26 @@ TRANSPORTS = {  # transport: engine arguments of both sides and of the mixed ref
         "num_kv_blocks": 256,
     },  # fmt: skip
 }
+TRANSPORT_PARAMS = [  # cuda_ipc runs in the GPU suite (`-m gpu`); only missing packages skip
+    pytest.param(
+        "cuda_ipc",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            pytest.mark.skipif(
+                importlib.util.find_spec("cupy") is None,
+                reason="cuda_ipc needs cupy (pip install 'pdray[gpu]' or 'pdray[gpu-cu13]')",
+            ),
+        ],
+    ),
+    pytest.param(
+        "ucx",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("ucxx") is None,
+            reason="ucxx is not installed (pip install 'pdray[ucx]' or 'pdray[ucx-cu13]')",
+        ),
+    ),
+]
 CHUNKED = {"max_num_batched_tokens": 64}  # prompts prefill over several steps
 CASES = {  # name: (checkpoint overrides, prefill TP, decode TP)
     "P2-D1": ({}, 2, 1),  # 2 KV heads: decode rank 0 gets one head from each prefill rank
@@ -66,13 +87,9 @@ def _generate(prefill: WorkerProcess, decode: WorkerProcess, prompts, timeout_s:
     return [final[request_id].outputs[0].token_ids for request_id in ids]
 
 
-@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+@pytest.mark.parametrize("transport", TRANSPORT_PARAMS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_disaggregated_tp_equals_mixed_tp1(checkpoint, case, transport):
-    if transport == "ucx":
-        pytest.importorskip("ucxx")
-    elif not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     overrides, prefill_tp, decode_tp = CASES[case]
     engine = TRANSPORTS[transport]
     if transport == "cuda_ipc" and torch.cuda.device_count() < max(prefill_tp, decode_tp):
