@@ -32,9 +32,15 @@ class ModelArch:
     qk_norm: bool = False
     rope_interleaved: bool = False
     sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] | None = None  # the layers it applies to; None: all
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        if self.sliding_window_layers is not None and layer_idx not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
 
 
 def read_config_json(model_dir: Path) -> dict:

@@ -1,7 +1,8 @@
 """The Llama-style decoder shared by Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and ERNIE 4.5 dense.
 
 Families differ only in flags of `ModelArch`: QKV bias (Qwen2), per-head q/k RMSNorm and explicit
-head_dim (Qwen3), interleaved rotary and optional biases (ERNIE 4.5), rope scaling (Llama 3.1+).
+head_dim (Qwen3), interleaved rotary and optional biases (ERNIE 4.5), rope scaling (Llama 3.1+),
+a sliding window (Mistral on every layer, Qwen on the layers its config marks).
 Shapes: T = tokens in the step (all sequences flattened), H = hidden size, D = head_dim.
 """
 
@@ -39,7 +40,12 @@ class DecoderAttention(nn.Module):
             interleaved=arch.rope_interleaved,
         )
         self.attn = Attention(
-            layer_idx, self.num_heads, self.num_kv_heads, d, d**-0.5, arch.sliding_window
+            layer_idx,
+            self.num_heads,
+            self.num_kv_heads,
+            d,
+            d**-0.5,
+            arch.layer_sliding_window(layer_idx),
         )
         self.head_dim = d
 

@@ -27,15 +27,28 @@ def _mistral_flags(cfg: dict) -> dict:
     return {"sliding_window": cfg.get("sliding_window")}
 
 
-def _qwen2_flags(cfg: dict) -> dict:
+def _qwen_window(cfg: dict) -> dict:
+    """Qwen2/3 slide only the layers `layer_types` marks, or (older configs) those from
+    `max_window_layers` (transformers' default 28) on, and only with `use_sliding_window`."""
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-    return {"qkv_bias": True, "sliding_window": window}
+    if window is None:
+        return {"sliding_window": None}
+    first = cfg.get("max_window_layers", 28)
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention"
+        for i in range(cfg["num_hidden_layers"])
+    ]
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return {"sliding_window": window, "sliding_window_layers": layers}
+
+
+def _qwen2_flags(cfg: dict) -> dict:
+    return {"qkv_bias": True, **_qwen_window(cfg)}
 
 
 def _qwen3_flags(cfg: dict) -> dict:
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
     bias = bool(cfg.get("attention_bias", False))
-    return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True, "sliding_window": window}
+    return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True, **_qwen_window(cfg)}
 
 
 def _ernie45_flags(cfg: dict) -> dict:
