@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,66 @@ _FAMILY_SPECS: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel], di
 }
 
 
+class RopeSpelling(Enum):
+    """How config.json spells the rope settings (pdray and transformers read both)."""
+
+    PARAMETERS = "parameters"  # transformers 5: "rope_parameters": {"rope_type", "rope_theta", ...}
+    LEGACY = (
+        "legacy"  # top-level "rope_theta" + "rope_scaling" (null if default), as Llama 3.x ship
+    )
+    LEGACY_TYPE = "legacy_type"  # LEGACY with the older key "type" for "rope_type"
+
+    def __repr__(self) -> str:  # as code, for replay messages
+        return f"{type(self).__name__}.{self.name}"
+
+
+# name -> (family, make_checkpoint overrides): what README claims beyond the families' defaults
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mistral-sliding16": ("mistral", {"sliding_window": 16}),
+    "qwen2-sliding16-top": (  # the window only from layer max_window_layers on
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+    ),
+    "llama3-linear-rope": (
+        "llama3",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}},
+    ),
+    "llama3-legacy-rope": ("llama3", {"rope_spelling": RopeSpelling.LEGACY}),
+    "llama3.1-legacy-rope": ("llama3.1", {"rope_spelling": RopeSpelling.LEGACY}),
+    "llama3.1-legacy-type": ("llama3.1", {"rope_spelling": RopeSpelling.LEGACY_TYPE}),
+    "llama3.1-legacy-real": (  # Llama-3.1-8B's own rope settings
+        "llama3.1",
+        {
+            "rope_spelling": RopeSpelling.LEGACY,
+            "max_position_embeddings": 131072,
+            "rope_parameters": {**_llama3_rope(8.0), "original_max_position_embeddings": 8192},
+        },
+    ),
+    "llama3-linear-legacy-type": (
+        "llama3",
+        {
+            "rope_spelling": RopeSpelling.LEGACY_TYPE,
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0},
+        },
+    ),
+    "ernie4_5-bias": ("ernie4_5", {"use_bias": True}),
+}
+
+
+def _respell_rope(path: Path, spelling: RopeSpelling) -> None:
+    """Rewrite config.json's rope settings from `rope_parameters` into a legacy spelling."""
+    if spelling is RopeSpelling.PARAMETERS:
+        return
+    config_path = path / "config.json"
+    cfg = json.loads(config_path.read_text())
+    params = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = params.pop("rope_theta")
+    rope_type = params.pop("rope_type")
+    key = "type" if spelling is RopeSpelling.LEGACY_TYPE else "rope_type"
+    cfg["rope_scaling"] = None if rope_type == "default" else {key: rope_type, **params}
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -189,9 +250,13 @@ def make_checkpoint(
     num_shards: int = 1,
     seed: int = 0,
     vocab_size: int = 384,
+    rope_spelling: RopeSpelling = RopeSpelling.PARAMETERS,
     **overrides: Any,
 ) -> Path:
-    """Write a tiny random float32 HF checkpoint (config, weights, tokenizer) into `path`."""
+    """Write a tiny random float32 HF checkpoint (config, weights, tokenizer) into `path`.
+
+    The weights depend only on `seed` and the parameter shapes, so checkpoints that differ only in
+    config (rope, sliding window, spelling) hold the same weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = make_config(family, vocab_size=vocab_size, **overrides)
@@ -200,6 +265,7 @@ def make_checkpoint(
     model = model_cls(config).to(torch.float32).eval()
     _randomize(model, seed)
     model.save_pretrained(path)
+    _respell_rope(path, rope_spelling)
     if num_shards > 1:
         _shard(path, num_shards)
     build_tokenizer(vocab_size).save_pretrained(path)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from pdray.models.dummy_tokenizer import build_tokenizer
-from tests.factory import FAMILIES, hf_greedy, make_checkpoint
+from tests.factory import FAMILIES, VARIANTS, RopeSpelling, hf_greedy, make_checkpoint
 
 PROMPTS = [[1, 77, 106, 282], [1, 300, 12, 45, 99, 200], [3, 120, 126, 326, 106, 4, 15]]
 TEXT = (
@@ -30,6 +30,15 @@ def _tensor_names(path: Path) -> set[str]:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     return {fam: make_checkpoint(fam, root / fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("variants")
+    return {
+        name: make_checkpoint(family, root / name, **overrides)
+        for name, (family, overrides) in VARIANTS.items()
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -192,3 +201,68 @@ def test_chat_template(tmp_path: Path) -> None:
     assert loaded.decode(loaded.encode(TEXT)) == TEXT
     assert len(loaded) == loaded.vocab_size == 384
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 0)
+
+
+LONG_PROMPTS = [[(7 * i + 3 * j) % 380 + 4 for i in range(n)] for j, n in enumerate((24, 40))]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_config(variants: dict[str, Path], name: str) -> None:
+    family, overrides = VARIANTS[name]
+    path = variants[name]
+    cfg = json.loads((path / "config.json").read_text())
+    spelling = overrides.get("rope_spelling", RopeSpelling.PARAMETERS)
+    rope = overrides.get("rope_parameters")
+    if spelling is RopeSpelling.PARAMETERS:
+        assert "rope_scaling" not in cfg and "rope_theta" not in cfg
+        assert rope is None or cfg["rope_parameters"] == rope
+    else:
+        assert "rope_parameters" not in cfg and isinstance(cfg["rope_theta"], float)
+        scaling = cfg["rope_scaling"]
+        if family == "llama3" and rope is None:
+            assert scaling is None
+        if scaling is not None:
+            assert scaling["factor"] == (rope or {}).get("factor", 8.0)
+            key = "type" if spelling is RopeSpelling.LEGACY_TYPE else "rope_type"
+            assert set(scaling) & {"type", "rope_type"} == {key}
+    if name == "llama3.1-legacy-real":
+        assert cfg["rope_scaling"] == {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+        assert cfg["rope_theta"] == 500000.0 and cfg["max_position_embeddings"] == 131072
+    if family == "mistral":
+        assert cfg["sliding_window"] == overrides["sliding_window"] == 16
+    if family == "qwen2":
+        assert cfg["use_sliding_window"] is True and cfg["sliding_window"] == 16
+        assert cfg["layer_types"] == ["full_attention", "sliding_attention"]
+    if family == "ernie4_5":
+        assert cfg["use_bias"] is True
+        names = _tensor_names(path)
+        for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            assert f"model.layers.0.{proj}.bias" in names
+
+
+def test_variants_change_transformers_outputs(
+    checkpoints: dict[str, Path], variants: dict[str, Path]
+) -> None:
+    """Same weights, other config: the sliding windows and the linear rope change what transformers
+    generates (so a parity test on them can fail), and a legacy spelling reads as the new one."""
+    for name, family in [("mistral-sliding16", "mistral"), ("qwen2-sliding16-top", "qwen2")]:
+        assert hf_greedy(variants[name], LONG_PROMPTS, 8) != hf_greedy(
+            checkpoints[family], LONG_PROMPTS, 8
+        )
+    linear = hf_greedy(variants["llama3-linear-rope"], LONG_PROMPTS, 8)
+    assert linear != hf_greedy(checkpoints["llama3"], LONG_PROMPTS, 8)
+    assert hf_greedy(variants["llama3-linear-legacy-type"], LONG_PROMPTS, 8) == linear
+    for name, family in [
+        ("llama3-legacy-rope", "llama3"),
+        ("llama3.1-legacy-rope", "llama3.1"),
+        ("llama3.1-legacy-type", "llama3.1"),
+    ]:
+        assert hf_greedy(variants[name], LONG_PROMPTS, 8) == hf_greedy(
+            checkpoints[family], LONG_PROMPTS, 8
+        )
