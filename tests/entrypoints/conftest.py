@@ -1,12 +1,6 @@
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-
-# The serving extras (fastapi, httpx) are optional: without them these tests are not collected.
-if not all(importlib.util.find_spec(name) for name in ("fastapi", "httpx")):
-    collect_ignore_glob = ["test_*.py"]
 
 
 @pytest.fixture(scope="module")
