@@ -33,6 +33,17 @@ def first_output(llm: LLM, prompt, params: SamplingParams):
     return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
 
 
+MAX_STEPS = 100  # far more than these few-token requests need: more means a stuck engine
+
+
+def step_until_output(engine, failure: str) -> list:
+    """The first non-empty `engine.step()`; AssertionError naming `failure` after MAX_STEPS."""
+    for _ in range(MAX_STEPS):
+        if outputs := engine.step():
+            return outputs
+    raise AssertionError(f"{failure} in {MAX_STEPS} steps")
+
+
 def test_text_prompt_and_single_prompt_forms(llm):
     text_out = llm.generate("hello world", SamplingParams(max_tokens=4), use_tqdm=False)
     ids = llm.get_tokenizer().encode("hello world")
@@ -208,10 +219,7 @@ def test_prefill_role_holds_blocks_until_released(checkpoint):
     )
     engine = llm.engine
     engine.add_request("p", PROMPTS[2], SamplingParams(temperature=0, max_tokens=5))
-    outputs = []
-    while not outputs:
-        outputs = engine.step()
-    out = outputs[0]
+    [out] = step_until_output(engine, "the prefill engine gave no first token")
     assert out.finished and len(out.outputs[0].token_ids) == 1
     assert out.outputs[0].finish_reason is None  # continues on a decode engine
     seq = engine.requests["p"].seqs[0]
@@ -232,9 +240,7 @@ def test_decode_role_hooks_continue_a_request(checkpoint):
     prefill = LLM(path, device="cpu", dtype="float32", role="prefill", block_size=4).engine
     decode = LLM(path, device="cpu", dtype="float32", role="mixed", block_size=4).engine
     prefill.add_request("r", PROMPTS[2], params)
-    first = []
-    while not first:
-        first = prefill.step()
+    first = step_until_output(prefill, "the prefill engine gave no first token")
     [reservation] = decode.reserve_remote("r", PROMPTS[2], params)
     src = prefill.held_block_table("r")
     start = reservation.num_cached_tokens // 4
@@ -242,8 +248,11 @@ def test_decode_role_hooks_continue_a_request(checkpoint):
         decode.runner.kv_cache[:, :, d] = prefill.runner.kv_cache[:, :, s]
     prefill.release("r")
     out = decode.admit_remote("r", [SampledToken(first[0].outputs[0].token_ids[0])])
-    while not out.finished:
+    for _ in range(MAX_STEPS):
+        if out.finished:
+            break
         out = next((o for o in decode.step() if o.request_id == "r"), out)
+    assert out.finished, f"decoding 6 tokens took more than {MAX_STEPS} steps"
     assert out.outputs[0].token_ids == expected
     assert decode.num_free_blocks == decode.block_manager.num_blocks
     assert prefill.num_free_blocks == prefill.block_manager.num_blocks

@@ -85,6 +85,6 @@ def test_abort_during_the_flush_releases_after_it(pair):
     assert prefill.abort("x") is None
     assert engine.num_free_blocks < engine.block_manager.num_blocks  # the receiver may still read
     transport.release.set()
-    assert woken.wait(10)
+    assert woken.wait(10), "the ended flush did not wake the prefill worker"
     assert prefill.step() == []  # released, nothing emitted for an aborted request
     assert engine.num_free_blocks == engine.block_manager.num_blocks and not engine.requests

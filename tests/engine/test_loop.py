@@ -11,7 +11,7 @@ import pytest
 
 from pdray.engine.futures import settle
 from pdray.engine.loop import AsyncSink, EngineLoop, Inbox
-from pdray.engine.role_worker import PrefillResult, RequestFailed
+from pdray.engine.role_worker import PrefillResult, RequestFailed, ends_stream
 from pdray.outputs import CompletionOutput, RequestOutput
 
 
@@ -80,6 +80,20 @@ def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
+class _EndSignallingSink(AsyncSink):
+    """An AsyncSink whose `ended` is set once the item that ends the stream was delivered."""
+
+    def __init__(self):
+        self.consumer_loop = asyncio.get_running_loop()
+        super().__init__(self.consumer_loop)
+        self.ended = asyncio.Event()
+
+    def put(self, item) -> None:
+        super().put(item)
+        if ends_stream(item):  # runs after the item's own delivery: callbacks keep their order
+            self.consumer_loop.call_soon_threadsafe(self.ended.set)
+
+
 def test_outputs_reach_the_sink_in_order_and_the_final_item_ends_it(loop):
     async def main():
         sink = AsyncSink()
@@ -95,10 +109,10 @@ def test_outputs_reach_the_sink_in_order_and_the_final_item_ends_it(loop):
 
 def test_a_prefill_stream_keeps_its_first_token_and_ends_with_the_result(loop):
     async def main():
-        sink = AsyncSink()
+        sink = _EndSignallingSink()
         script = [_output("p", [5]), PrefillResult("p", None, "KV transfer failed: x")]
         await asyncio.wrap_future(loop.submit("p", sink, lambda: loop.worker.add("p", script)))
-        await asyncio.sleep(0.05)  # both items are queued before the consumer reads
+        await sink.ended.wait()  # both items are queued before the consumer reads
         return [item async for item in sink.outputs()]
 
     first, result = _run(main())
@@ -127,7 +141,7 @@ def test_a_kv_arrival_wakes_the_loop_without_polling():
                 got.set()
 
         loop.submit("d", Sink(), lambda: worker.add("d", [_output("d", [1], True)])).result(5)
-        time.sleep(0.2)
+        time.sleep(0.2)  # the scenario: a while with nothing but KV awaited (nothing to wait on)
         steps_while_waiting = worker.steps
         assert steps_while_waiting <= 1  # no spinning while only KV is awaited
         worker.waiting_for_kv.clear()  # (the transport thread applies the KV, then:)

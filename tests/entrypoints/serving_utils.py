@@ -36,6 +36,16 @@ def assert_openai_error(response, status: int, param: str | None = "any") -> dic
     return body["error"]
 
 
+async def wait_until(condition, timeout_s: float, failure: str) -> Any:
+    """condition()'s first truthy value, polled every 10 ms without blocking the event loop;
+    AssertionError "{failure} within {timeout_s} s" after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{failure} within {timeout_s} s"
+        await asyncio.sleep(0.01)
+    return value
+
+
 async def wait_idle(engine, timeout_s: float = 10.0) -> None:
     """Every request gone from the engine and every KV block free again."""
     deadline = time.monotonic() + timeout_s
@@ -48,15 +58,18 @@ async def wait_idle(engine, timeout_s: float = 10.0) -> None:
 
 
 class SpyBackend:
-    """Delegates to a real backend and records the aborts it is asked for."""
+    """Delegates to a real backend and records the requests it starts and the aborts it is asked
+    for."""
 
     def __init__(self, inner):
         self.inner = inner
         self.max_model_len = inner.max_model_len
         self.vocab_size = inner.vocab_size
+        self.started: list[str] = []
         self.aborted: list[str] = []
 
     def generate(self, request_id, prompt, params):
+        self.started.append(request_id)
         return self.inner.generate(request_id, prompt, params)
 
     async def abort(self, request_id: str) -> None:

@@ -71,6 +71,7 @@ def test_requests_from_several_event_loops(backend, engine):
         t.start()
     for t in threads:
         t.join(30)
+        assert not t.is_alive(), f"{t.name}'s request did not end within 30 s"
     assert len(results) == 4 and all(ids == results[0] for ids in results.values())
     asyncio.run(wait_idle(engine))
 

@@ -49,7 +49,8 @@ def run(
     **reserve_kw,
 ):
     """Reserve on decode, prefill with the ticket, step both until done; final outputs in order.
-    Requests that failed on decode (RequestFailed) go to `failures` (request id -> error)."""
+    Requests that failed on decode (RequestFailed) go to `failures` (request id -> error);
+    AssertionError if some have not ended (or decode still has work) after max_steps."""
     ids = [f"req-{next(_ids)}" for _ in prompts]
     for request_id, prompt in zip(ids, prompts, strict=True):
         ticket = decode.reserve(request_id, prompt, params, **reserve_kw)
@@ -66,18 +67,30 @@ def run(
                 final[item.request_id] = item
         if len(final) + len(failures) == len(ids) and not decode.has_work():
             break
+    else:
+        unfinished = [i for i in ids if i not in final and i not in failures]
+        raise AssertionError(
+            f"after {max_steps} steps: unfinished {unfinished}, decode has work: "
+            f"{decode.has_work()}"
+        )
     return [final.get(request_id) for request_id in ids], ids
+
+
+def wait_until(condition, timeout_s: float, failure: str, poll_s: float = 0.005):
+    """condition()'s first truthy value, called every poll_s (0: again at once, for a condition
+    that steps an engine); AssertionError "{failure} within {timeout_s} s" after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{failure} within {timeout_s} s"
+        if poll_s:
+            time.sleep(poll_s)
+    return value
 
 
 def poll_until_done(receiver, timeout_s: float = 10.0) -> list:
     """The receiver's finished tickets (its first non-empty `poll`), or AssertionError after
     timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if done := receiver.poll():
-            return done
-        time.sleep(0.005)
-    raise AssertionError("the ticket did not complete")
+    return wait_until(receiver.poll, timeout_s, "the ticket did not complete")
 
 
 def assert_baseline(*engines: LLMEngine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -34,6 +35,17 @@ def picks(pick, trials: int = 300) -> Counter:
 
 
 NO_WINDOW = PolicyConfig(prefill_window_tokens=0, decode_window_requests=0, window_fraction=0)
+
+
+async def prefill_ids_until(snapshot: RouterSnapshot, done, failure: str, *, every=None):
+    """Poll the snapshot's prefill ids until done(ids), calling `every()` (heartbeats) between
+    looks; AssertionError naming `failure` and the ids seen after 10 s."""
+    deadline = time.monotonic() + 10
+    while not done(ids := {r.instance_id for r in snapshot.records(Role.PREFILL)}):
+        assert time.monotonic() < deadline, f"{failure} within 10 s (prefill ids {ids})"
+        if every is not None:
+            await every()
+        await asyncio.sleep(0.05)
 
 
 def test_least_loaded_prefill_and_decode():
@@ -83,7 +95,7 @@ def test_excluded_and_wrong_role_never_picked():
 
 @pytest.mark.anyio
 async def test_snapshot_never_picks_down_or_expired_instances(redis_server, app_name):
-    store = InstanceStore(redis_server.url, app_name, ttl_s=0.6, down_s=5)
+    store = InstanceStore(redis_server.url, app_name, ttl_s=1.0, down_s=30)
     await store.heartbeat(prefill("p-best", 0))
     await store.heartbeat(prefill("p-dies", 0))
     await store.heartbeat(prefill("p-other", 10_000))
@@ -93,26 +105,38 @@ async def test_snapshot_never_picks_down_or_expired_instances(redis_server, app_
         assert set(picks(snapshot.pick_prefill, 50)) == {"p-best", "p-dies"}
         await snapshot.mark_down("p-best")
         await store.heartbeat(prefill("p-best", 0))  # alive again, still down here
-        for _ in range(5):  # keep the others alive; p-dies stops heartbeating
-            await asyncio.sleep(0.2)
+
+        async def keep_others_alive():  # p-dies stops heartbeating
             for r in (prefill("p-best", 0), prefill("p-other", 10_000), decode("d0", 0)):
                 await store.heartbeat(r)
+
+        await prefill_ids_until(
+            snapshot,
+            lambda ids: "p-dies" not in ids,
+            "p-dies did not expire",
+            every=keep_others_alive,
+        )
+        await keep_others_alive()
         assert picks(snapshot.pick_prefill, 50) == {"p-other": 50}
         assert snapshot.pick_decode().instance_id == "d0"
         await store.heartbeat(prefill("p-new", 0))
-        await asyncio.sleep(0.3)  # the background refresh sees newcomers
-        assert "p-new" in {r.instance_id for r in snapshot.records(Role.PREFILL)}
+        await prefill_ids_until(  # the background refresh sees newcomers
+            snapshot, lambda ids: "p-new" in ids, "the snapshot did not see p-new"
+        )
     await store.close()
 
 
 @pytest.mark.anyio
 async def test_stale_snapshot_drops_records_older_than_ttl(redis_server, app_name):
-    store = InstanceStore(redis_server.url, app_name, ttl_s=0.4)
+    store = InstanceStore(redis_server.url, app_name, ttl_s=1.0)
     await store.heartbeat(decode("d0", 0))
     snapshot = RouterSnapshot(store)
     await snapshot.refresh()  # no background refresh: the snapshot goes stale
     assert snapshot.pick_decode().instance_id == "d0"
-    await asyncio.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while snapshot.records(Role.DECODE):  # d0's heartbeat ages past the TTL
+        assert time.monotonic() < deadline, "the stale record of d0 was still picked after 10 s"
+        await asyncio.sleep(0.05)
     with pytest.raises(NoCapacityError):
         snapshot.pick_decode()
     with pytest.raises(ValueError, match="below the TTL"):

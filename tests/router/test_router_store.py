@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis
@@ -15,6 +16,20 @@ pytestmark = pytest.mark.anyio
 
 def record(instance_id: str, role: Role = Role.DECODE, **load) -> InstanceRecord:
     return InstanceRecord(instance_id=instance_id, role=role, host="127.0.0.1", **load)
+
+
+async def ids_until(store: InstanceStore, want: list[str], *, every=None, timeout_s=10.0):
+    """Poll the store's snapshot until its instance ids are `want`, calling `every()` (a
+    heartbeat) before each look; AssertionError naming the ids seen after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if every is not None:
+            await every()
+        ids = [r.instance_id for r in await store.snapshot()]
+        if ids == want:
+            return
+        assert time.monotonic() < deadline, f"ids still {ids}, not {want}, after {timeout_s} s"
+        await asyncio.sleep(0.05)
 
 
 async def test_heartbeat_and_snapshot_round_trip(redis_server, app_name):
@@ -41,12 +56,9 @@ async def test_records_expire_after_ttl_unless_refreshed(redis_server, app_name)
     store = InstanceStore(redis_server.url, app_name, ttl_s=0.6)
     await store.heartbeat(record("gone"))
     await store.heartbeat(record("alive"))
-    for _ in range(5):
-        await asyncio.sleep(0.15)
-        await store.heartbeat(record("alive"))
-    assert [r.instance_id for r in await store.snapshot()] == ["alive"]
-    await asyncio.sleep(0.7)
-    assert await store.snapshot() == []
+    # "alive" heartbeats right before each look, so only a TTL-long stall could expire it
+    await ids_until(store, ["alive"], every=lambda: store.heartbeat(record("alive")))
+    await ids_until(store, [])
     await store.close()
 
 
@@ -64,15 +76,14 @@ async def test_remove_and_app_isolation(redis_server, app_name):
 
 
 async def test_mark_down_deletes_and_blacklists_for_a_while(redis_server, app_name):
-    store = InstanceStore(redis_server.url, app_name, ttl_s=5, down_s=0.3)
+    store = InstanceStore(redis_server.url, app_name, ttl_s=5, down_s=1.0)
     await store.heartbeat(record("flaky"))
     await store.heartbeat(record("ok"))
     await store.mark_down("flaky")
     assert not redis.Redis.from_url(redis_server.url).exists(store.key("flaky"))
     await store.heartbeat(record("flaky"))  # it comes back at once: still skipped
     assert [r.instance_id for r in await store.snapshot()] == ["ok"]
-    await asyncio.sleep(0.35)
-    assert [r.instance_id for r in await store.snapshot()] == ["flaky", "ok"]
+    await ids_until(store, ["flaky", "ok"])  # seen again once down_s has passed
     await store.close()
 
 
