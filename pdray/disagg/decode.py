@@ -41,6 +41,7 @@ from pdray.kv_transfer.receiver import KVReceiver, TicketState
 from pdray.outputs import RequestOutput
 from pdray.sampling_params import SamplingParams
 from pdray.worker.batch import SampledToken
+from pdray.worker.tp_group import TensorParallelError
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,11 @@ class DecodeWorker:
         emit(request_id, RequestFailed(request_id, HandoffFailed(kind, reason)))
 
     def close(self) -> None:
-        for request_id in list(self.pending):
-            self.abort(request_id)
-        self.transport.close()
-        self.engine.close()
+        try:
+            for request_id in list(self.pending):
+                self.abort(request_id)
+        except TensorParallelError as e:  # a rank is gone: nothing more to tell it
+            logger.warning("closing with a lost tensor-parallel rank: %s", e)
+        finally:
+            self.transport.close()
+            self.engine.close()

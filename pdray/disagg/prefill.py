@@ -41,6 +41,7 @@ from pdray.kv_transfer.base import KVTransport, Ticket, TransferError, merge_run
 from pdray.kv_transfer.sender import KVSender
 from pdray.outputs import RequestOutput
 from pdray.sampling_params import SamplingParams
+from pdray.worker.tp_group import TensorParallelError
 
 logger = logging.getLogger(__name__)
 
@@ -317,12 +318,16 @@ class PrefillWorker:
         return self.engine.scheduler.has_work or bool(self.parked) or bool(self.handing_off)
 
     def close(self) -> None:
-        for request_id in list(self.tickets):
-            self.abort(request_id, "the prefill engine is closing")
-        if self._handoffs is not None:
-            self._handoffs.close(self.flush_timeout_s)
-        self.transport.close()
-        self.engine.close()
+        try:
+            for request_id in list(self.tickets):
+                self.abort(request_id, "the prefill engine is closing")
+        except TensorParallelError as e:  # a rank is gone: nothing more to tell it
+            logger.warning("closing with a lost tensor-parallel rank: %s", e)
+        finally:
+            if self._handoffs is not None:
+                self._handoffs.close(self.flush_timeout_s)
+            self.transport.close()
+            self.engine.close()
 
 
 class _HandoffThread:

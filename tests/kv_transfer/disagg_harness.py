@@ -133,6 +133,8 @@ def _serve_worker(
                     engine.block_manager.num_blocks,
                     len(engine.requests),
                 )
+            elif method == "follower_pids":  # the engine's other tensor-parallel ranks
+                result = [f.pid for f in engine.runner.tp_group.followers]
             elif method == "transfer_metrics":
                 kv = getattr(worker, "receiver", None) or worker.sender
                 result = kv.metrics.as_dict()
@@ -148,7 +150,8 @@ class WorkerProcess:
 
     `start()` returns at once; `wait_ready()` waits for the engine. `call(method, *args)` runs a
     worker method in the child ("step", "reserve", "submit", ...; "blocks" gives the engine's
-    (free blocks, total blocks, live requests), "transfer_metrics" its rank 0's KV counters).
+    (free blocks, total blocks, live requests), "transfer_metrics" its rank 0's KV counters,
+    "follower_pids" the processes of its other tensor-parallel ranks).
     `kill()` sends SIGKILL."""
 
     def __init__(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -145,3 +147,60 @@ def test_every_decode_rank_gets_each_of_its_heads_once(total, src_size, dst_size
         dst = _layout(rank, dst_size, total)
         assert sorted(received[rank]) == list(range(*dst.kv_heads))
         assert num_senders(src_size, dst) == len(senders[rank])
+
+
+_UCX = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
+
+
+@_UCX
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("victim", ["prefill", "decode"])
+def test_a_killed_rank_ends_every_request_and_frees_every_block(checkpoint, victim):
+    """One side is TP2 (UCX, CPU) and its rank 1 is SIGKILLed after decode reserved and prefill
+    took the requests: that side's next step raises naming the rank, and the other side ends
+    every request without hanging: prefill's hand-offs to the dead decode rank fail, or decode's
+    leases on KV that will never come expire; its blocks all come back."""
+    path = checkpoint("llama3")
+    engine = {**TRANSPORTS["ucx"], **CHUNKED}
+    tp = {"prefill": 1, "decode": 1, victim: 2}
+    prefill = WorkerProcess(
+        "prefill", path, {**engine, "tensor_parallel_size": tp["prefill"]},
+        {"flush_timeout_s": 10.0},
+    )  # fmt: skip
+    decode = WorkerProcess(
+        "decode", path, {**engine, "tensor_parallel_size": tp["decode"]},
+        {"engine_id": f"decode-fault-{victim}", "lease_s": 3.0},
+    )  # fmt: skip
+    target, other = (prefill, decode) if victim == "prefill" else (decode, prefill)
+    try:
+        prefill.start(), decode.start()
+        prefill.wait_ready(), decode.wait_ready(timeout_s=120)
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        ids = [f"fault-{victim}-{i}" for i in range(3)]
+        for request_id, prompt in zip(ids, make_prompts(seed=21)[:3], strict=True):
+            ticket = decode.call("reserve", request_id, prompt, params)
+            prefill.call("submit", request_id, prompt, params, ticket)
+        os.kill(target.call("follower_pids")[0], signal.SIGKILL)
+
+        # the first step that needs rank 1 raises (decode's: when its leases expire and it
+        # must tell rank 1 to drop them)
+        with pytest.raises(RuntimeError, match=r"rank 1 \(process\) was killed by SIGKILL"):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                target.call("step")
+                time.sleep(0.05)  # steps are cheap here; do not spin the two cores
+
+        ended, deadline = set(), time.monotonic() + 60
+        while len(ended) < len(ids):  # the surviving side ends each request, with an error
+            assert time.monotonic() < deadline, f"unfinished after 60 s: {set(ids) - ended}"
+            for item in other.call("step", timeout_s=60) or []:
+                if isinstance(item, PrefillResult):
+                    assert item.error, item
+                    ended.add(item.request_id)
+                elif getattr(item, "finished", False):
+                    ended.add(item.request_id)
+        free, total, live = other.call("blocks")
+        assert (free, live) == (total, 0), f"{other.role}: {free}/{total} free, {live} live"
+    finally:
+        prefill.close()
+        decode.close()
