@@ -74,6 +74,13 @@ class AppArgs(BaseModel):
         description="a request waits this long for an instance that can take it (a decode "
         "instance with room, a prefill instance, a pair registered)",
     )
+    request_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="end-to-end deadline of a request (queueing, prefill, decode, streaming): "
+        "past it the router ends the request with a timeout error and aborts it on every "
+        "instance it reached, freeing its blocks",
+    )
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>'")
     app_name: str = Field("pdray", description="namespace of this app's Redis records")
 
