@@ -150,3 +150,24 @@ def test_qwen_window_without_layer_types_matches_transformers(tmp_path: Path) ->
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected, f"qwen2 3 layers, window 16 from layer 1; prompts {prompts}"
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "ernie4_5"])
+def test_config_without_architectures_resolves_from_model_type(tmp_path: Path, family) -> None:
+    """As transformers' Auto classes do: no `architectures`, the family from `model_type`."""
+    path = make_checkpoint(family, tmp_path)
+    config_path = path / "config.json"
+    cfg = json.loads(config_path.read_text())
+    cfg.pop("architectures")
+    config_path.write_text(json.dumps(cfg, indent=2))
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 50))]
+    expected = hf_greedy(path, prompts, 6)
+    llm = LLM(str(path), device="cpu", dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected, f"{family} without architectures"
+
+
+def test_unknown_model_type_without_architectures_is_named() -> None:
+    with pytest.raises(ValueError, match="unsupported model architecture 'gpt2'"):
+        resolve_architecture({"model_type": "gpt2"})

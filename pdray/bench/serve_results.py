@@ -87,10 +87,15 @@ def save_results(
 
     Names: `result_filename` as given for one run; otherwise `<stem>-<rate>qps[-concurrencyN]`,
     the stem being `result_filename`'s or `<label>-<date>`; a sweep adds `<stem>-sweep.*`.
+    `result_filename` is joined to `result_dir` as `vllm bench serve` does: an absolute path or
+    one with folders is honoured (an absolute one ignores `result_dir`).
     """
-    directory = Path(result_dir)
+    if result_filename:
+        target = Path(result_dir) / result_filename
+        directory, stem = target.parent, target.stem
+    else:
+        directory, stem = Path(result_dir), f"{label}-{results[0]['date']}"
     directory.mkdir(parents=True, exist_ok=True)
-    stem = Path(result_filename).stem if result_filename else f"{label}-{results[0]['date']}"
     sweep = len(results) > 1
     written = []
     for result in results:

@@ -65,8 +65,20 @@ ARCHITECTURES: dict[str, Family] = {
 }
 
 
+# config.json without `architectures`: resolved from `model_type`, as transformers' Auto classes do
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "ernie4_5": "Ernie4_5ForCausalLM",
+}
+
+
 def resolve_architecture(cfg: dict) -> tuple[Family, ModelArch]:
     names = cfg.get("architectures") or []
+    if not names and cfg.get("model_type") in MODEL_TYPES:
+        names = [MODEL_TYPES[cfg["model_type"]]]
     for name in names:
         if name in ARCHITECTURES:
             family = ARCHITECTURES[name]

@@ -514,3 +514,18 @@ def test_bad_flags_fail_before_sending(served):
         main(["--base-url", url, "--dataset-name", "prefix", "--prompt-type", "text"])
     with pytest.raises(ValueError, match="--prompt-type text"):
         main(["--base-url", url, "--backend", "openai-chat", "--prompt-type", "token-ids"])
+
+
+@pytest.mark.parametrize("where", ["absolute", "subfolder", "bare"])
+def test_result_filename_path_is_honoured(tmp_path, where):
+    """`--result-filename` joined to `--result-dir` as vllm bench serve does."""
+    from pdray.bench.serve_results import save_results
+
+    result = {"request_rate": 2.0, "max_concurrency": None, "date": "20261130-000000"}
+    name = {"absolute": str(tmp_path / "abs" / "run.json"), "subfolder": "sub/run.json",
+            "bare": "run.json"}[where]  # fmt: skip
+    [path] = save_results([result], result_dir=tmp_path / "dir", result_filename=name,
+                          label="x", slos_ms={}, plots=False)  # fmt: skip
+    want = {"absolute": tmp_path / "abs" / "run.json", "subfolder": tmp_path / "dir/sub/run.json",
+            "bare": tmp_path / "dir" / "run.json"}[where]  # fmt: skip
+    assert path == want and json.loads(path.read_text())["request_rate"] == 2.0
