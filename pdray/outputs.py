@@ -37,3 +37,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs, once the whole prompt is scored (from then on in every
+    # output): None for position 0, then per position the prompt token and the top-k (as logprobs).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -14,7 +14,10 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 or -1 disables top-k. Penalties follow vLLM/OpenAI:
     repetition_penalty (HF style, over prompt and output), presence and frequency penalties
     (over output tokens only). `logprobs=k` returns the top-k log-probabilities of the model's
-    raw distribution for every generated token, plus the sampled one.
+    raw distribution for every generated token, plus the sampled one. `prompt_logprobs=k` does
+    the same for the prompt: `RequestOutput.prompt_logprobs` holds, for each prompt position
+    after the first, its token's log-probability given the tokens before it plus the top-k (the
+    request then computes its whole prompt: no prefix-cache hits).
     """
 
     n: int = 1
@@ -32,6 +35,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -80,6 +84,10 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
         ):
             raise bad("logprobs", "must be an integer in [0, 20] or None")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise bad("prompt_logprobs", "must be an integer in [0, 20] or None")
 
     @property
     def greedy(self) -> bool:

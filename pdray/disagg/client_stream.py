@@ -9,6 +9,9 @@ Both are read at once, so whichever side has the first token delivers it (decode
 recomputed the prompt after a failed hand-off). `SentTokens` lets through only outputs that add
 to what the client already has, so no token is sent twice, and raises `StreamDiverged` if an
 output contradicts it (a recompute or retry that sampled differently: unseeded random sampling).
+Prompt logprobs (SamplingParams.prompt_logprobs) come only in prefill's first-token output (decode
+never computes them): `SentTokens` passes that output on even if decode's first output overtook
+it, once, and puts them on every later output, as a mixed engine's outputs all carry them.
 A prefill error never ends the attempt: decode's failure policy (lease, recompute, retry, fail)
 decides; it is reported through `on_prefill_end`.
 """
@@ -29,10 +32,11 @@ class StreamDiverged(RuntimeError):
 
 
 class SentTokens:
-    """Token ids of each choice the client has been sent."""
+    """Token ids of each choice the client has been sent, and the prompt's logprobs once sent."""
 
     def __init__(self) -> None:
         self._tokens: dict[int, list[int]] = {}
+        self._prompt_logprobs: list | None = None
 
     @property
     def most(self) -> int:
@@ -40,8 +44,17 @@ class SentTokens:
         return max((len(t) for t in self._tokens.values()), default=0)
 
     def admit(self, output: RequestOutput) -> bool:
-        """Whether `output` (cumulative) adds tokens or ends the request; records what it adds."""
+        """Whether `output` (cumulative) adds tokens or the prompt's logprobs, or ends the request;
+        records what it adds. An output without prompt logprobs gets those already sent."""
         grows = output.finished
+        if output.prompt_logprobs is None:
+            output.prompt_logprobs = self._prompt_logprobs
+        elif self._prompt_logprobs is None:
+            self._prompt_logprobs = output.prompt_logprobs
+            # never an output behind what was sent: the next one carries them then
+            grows = all(
+                len(c.token_ids) >= len(self._tokens.get(c.index, [])) for c in output.outputs
+            )
         for choice in output.outputs:
             sent = self._tokens.get(choice.index, [])
             common = min(len(sent), len(choice.token_ids))

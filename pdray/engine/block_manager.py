@@ -7,7 +7,8 @@ Block lifecycle:
 
 Rules: a sequence owns exactly the blocks of its block_table, each counted once in ref_count;
 `free(seq)` releases them exactly once. Reuse never covers a prompt's last token, so every
-prompt computes at least one token (the one whose logits give the first output token).
+prompt computes at least one token (the one whose logits give the first output token). A sequence
+that scores its prompt (`reuse_prefix_cache` False) reuses nothing; its blocks are still published.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class BlockManager:
             raise RuntimeError(f"{seq.seq_id}: prefix matching needs a fresh sequence")
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.reuse_prefix_cache:
             return
         num_full = (len(seq) - 1) // self.block_size
         parent = _NO_HASH

@@ -5,6 +5,11 @@ steps compute them -> each sampled token is detokenized and checked against the 
 conditions -> a finished sequence frees its blocks (or, in the prefill role, holds them until
 `release`) -> the request is dropped once all its sequences have finished.
 
+Prompt logprobs: a request with SamplingParams.prompt_logprobs computes its whole prompt (no prefix
+hits); the steps that compute sequence 0's prompt chunks also score them (StepBatch rows, the LM
+head over those positions only), and its outputs carry them once every position is scored. A
+decode engine never scores: the prefill engine's first-token output carries them.
+
 Role hooks used by KV transfer:
   prefill: every sequence ends after its first token with its blocks HELD; `held_block_table`
            tells what to send, `release(request_id)` frees them.
@@ -22,13 +27,19 @@ from dataclasses import dataclass
 from pdray.config import EngineConfig, Role
 from pdray.engine.block_manager import BlockManager
 from pdray.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from pdray.engine.request import Request, SeqOutputState
+from pdray.engine.request import PromptScores, Request, SeqOutputState
 from pdray.engine.scheduler import Scheduler, SchedulerOutput
 from pdray.engine.sequence import FinishReason, Sequence, SequenceStatus
 from pdray.outputs import Logprob, RequestOutput
 from pdray.sampling_params import SamplingParams
 from pdray.tokenizer import load_tokenizer
-from pdray.worker.batch import SampledToken, SamplingRow, StepBatch
+from pdray.worker.batch import (
+    PromptLogprobRow,
+    PromptLogprobs,
+    SampledToken,
+    SamplingRow,
+    StepBatch,
+)
 from pdray.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -117,6 +128,8 @@ class LLMEngine:
         params = params or SamplingParams()
         params.validate()
         text, token_ids = self._tokenize(prompt)
+        # A decode engine never scores the prompt: prefill's first output carries its logprobs.
+        scores = params.prompt_logprobs is not None and self.config.role is not Role.DECODE
         seqs, states = [], []
         for i in range(params.n):
             seq = Sequence(
@@ -126,13 +139,17 @@ class LLMEngine:
                 token_ids=list(token_ids),
                 num_prompt_tokens=len(token_ids),
                 sampling_params=params,
+                reuse_prefix_cache=not scores,
             )
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             seqs.append(seq)
             states.append(
                 SeqOutputState(detok, logprobs=[] if params.logprobs is not None else None)
             )
-        return Request(request_id, text, list(token_ids), params, seqs, states)
+        request = Request(request_id, text, list(token_ids), params, seqs, states)
+        if scores:
+            request.prompt_scores = PromptScores.for_prompt(len(token_ids))
+        return request
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -201,13 +218,15 @@ class LLMEngine:
         sampling = [item.seq for item in out.scheduled if item.samples]
         if self.step_observer is not None:
             self.step_observer.begin_step(out.scheduled)
-        sampled = self.runner.execute(batch)
+        result = self.runner.execute_step(batch)
         if self.step_observer is not None:
             self.step_observer.end_step()
         self.scheduler.update_after_step(out)
+        for row, scored in zip(batch.prompt_logprob_rows, result.prompt_logprobs, strict=True):
+            self._record_prompt_logprobs(row, scored)
         touched: dict[str, Request] = {}
         now = time.monotonic()
-        for seq, token in zip(sampling, sampled, strict=True):
+        for seq, token in zip(sampling, result.sampled, strict=True):
             request = self._seq_to_request[seq.seq_id]
             if request.first_token_time_s is None:
                 request.first_token_time_s = now
@@ -238,6 +257,7 @@ class LLMEngine:
                 if request.scheduled_time_s is None:
                     request.scheduled_time_s = now_s
             end = start + item.num_new_tokens
+            self._add_prompt_logprob_row(batch, seq, start, end)
             batch.input_ids += seq.token_ids[start:end]
             batch.positions += range(start, end)
             table = seq.block_table
@@ -249,6 +269,20 @@ class LLMEngine:
                 batch.sample_indices.append(i)
                 batch.sampling_rows.append(self._sampling_row(seq))
         return batch
+
+    def _add_prompt_logprob_row(self, batch: StepBatch, seq: Sequence, start: int, end: int):
+        """Score the prompt positions in [start, end) whose next token is a prompt token (call
+        before the chunk's tokens join the batch)."""
+        request = self._seq_to_request[seq.seq_id]
+        stop = min(end, seq.num_prompt_tokens - 1)
+        if stop <= start or not request.needs_prompt_scores(seq):
+            return
+        batch.prompt_logprob_rows.append(
+            PromptLogprobRow(
+                seq.seq_id, len(batch.input_ids), start, seq.token_ids[start + 1 : stop + 1],
+                seq.sampling_params.prompt_logprobs,
+            )
+        )  # fmt: skip
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.sampling_params
@@ -290,6 +324,22 @@ class LLMEngine:
             entry.setdefault(tid, Logprob(lp, rank, self._decode_one(tid)))
         state.logprobs.append(entry)
         state.cumulative_logprob = (state.cumulative_logprob or 0.0) + token.logprob
+
+    def _record_prompt_logprobs(self, row: PromptLogprobRow, scored: PromptLogprobs) -> None:
+        scores = self._seq_to_request[row.seq_id].prompt_scores
+        decoded: dict[int, str] = {}
+
+        def text(token_id: int) -> str:
+            if token_id not in decoded:
+                decoded[token_id] = self._decode_one(token_id)
+            return decoded[token_id]
+
+        for j, target in enumerate(row.target_ids):
+            entry = {target: Logprob(scored.logprobs[j], scored.ranks[j], text(target))}
+            top = zip(scored.top_ids[j], scored.top_logprobs[j], strict=True)
+            for rank, (tid, lp) in enumerate(top, start=1):
+                entry.setdefault(tid, Logprob(lp, rank, text(tid)))
+            scores.set(row.first_position + j + 1, entry)
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

@@ -20,6 +20,31 @@ class SeqOutputState:
 
 
 @dataclass
+class PromptScores:
+    """A request's prompt logprobs while its prompt is computed (SamplingParams.prompt_logprobs).
+
+    Sequence 0 scores the positions its prompt chunks cover (a recompute after preemption scores
+    them again, to the same values); the list is handed out only once every position is in.
+    """
+
+    entries: list[dict[int, Logprob] | None]  # per prompt position; position 0 stays None
+    num_missing: int
+
+    @classmethod
+    def for_prompt(cls, num_prompt_tokens: int) -> PromptScores:
+        return cls([None] * num_prompt_tokens, num_prompt_tokens - 1)
+
+    @property
+    def complete(self) -> bool:
+        return self.num_missing == 0
+
+    def set(self, position: int, entry: dict[int, Logprob]) -> None:
+        if self.entries[position] is None:
+            self.num_missing -= 1
+        self.entries[position] = entry
+
+
+@dataclass
 class Request:
     request_id: str
     prompt: str | None
@@ -30,6 +55,7 @@ class Request:
     arrival_time_s: float = field(default_factory=time.monotonic)
     scheduled_time_s: float | None = None  # first scheduled for a forward
     first_token_time_s: float | None = None
+    prompt_scores: PromptScores | None = None  # with prompt_logprobs, on an engine computing it
 
     @property
     def finished(self) -> bool:
@@ -63,4 +89,14 @@ class Request:
             finished=self.finished,
             num_cached_tokens=min(seq.num_cached_tokens for seq in self.seqs),
             metrics=metrics,
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+    @property
+    def prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
+        """The prompt's logprobs once every position is scored (never changed afterwards)."""
+        scores = self.prompt_scores
+        return scores.entries if scores is not None and scores.complete else None
+
+    def needs_prompt_scores(self, seq: Sequence) -> bool:
+        return seq.index == 0 and self.prompt_scores is not None and not self.prompt_scores.complete

@@ -48,6 +48,8 @@ class Sequence:
     num_hashed_blocks: int = 0
     block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # False for a request that scores its prompt (prompt_logprobs): it computes every position.
+    reuse_prefix_cache: bool = True
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 

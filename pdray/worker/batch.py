@@ -40,6 +40,40 @@ class SampledToken:
 
 
 @dataclass(slots=True)
+class PromptLogprobRow:
+    """Prompt positions of one sequence scored this step (SamplingParams.prompt_logprobs).
+
+    The hidden state of flattened token `first_token_index + j` (prompt position
+    `first_position + j`) scores the prompt token `target_ids[j]`, the one after it.
+    """
+
+    seq_id: str
+    first_token_index: int  # into StepBatch.input_ids
+    first_position: int
+    target_ids: list[int]
+    num_logprobs: int  # top-k beside the prompt token (0: only it)
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """Scores of one PromptLogprobRow: per target token its log-probability under the raw
+    distribution, its rank there (1 = most likely) and the top-k (ids, logprobs)."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step returns (on rank 0; other ranks return it empty)."""
+
+    sampled: list[SampledToken] = field(default_factory=list)  # one per sampling row
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # one per prompt row
+
+
+@dataclass(slots=True)
 class StepBatch:
     """Flattened inputs of one forward over several sequences.
 
@@ -58,6 +92,8 @@ class StepBatch:
     sampling_rows: list[SamplingRow]
     # Sequences that ended since the last step: the worker drops their per-sequence state.
     finished_seq_ids: list[str] = field(default_factory=list)
+    # Sequences whose prompt positions this step also runs the LM head over (every rank does).
+    prompt_logprob_rows: list[PromptLogprobRow] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

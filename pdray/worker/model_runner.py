@@ -1,6 +1,7 @@
 """Owns the device: the model, its paged KV cache, the attention backend and the sampler.
 
-`execute(batch)` runs one forward over a flattened StepBatch and samples the rows that ask for it.
+`execute(batch)` runs one forward over a flattened StepBatch and samples the rows that ask for it;
+`execute_step(batch)` also returns the scores of the prompt positions the batch names.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pdray.attention.base import AttentionMetadata, ForwardContext, forward_cont
 from pdray.attention.registry import get_attention_backend
 from pdray.config import EngineConfig
 from pdray.models.loader import build_model, load_model_config
-from pdray.worker.batch import SampledToken, SamplingRow, StepBatch
+from pdray.worker.batch import PromptLogprobs, SampledToken, SamplingRow, StepBatch, StepOutput
 from pdray.worker.parallel import bound, current
+from pdray.worker.prompt_logprobs import score_prompts
 from pdray.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -288,28 +290,35 @@ class ModelRunner:
         rows = ends[self._to_device(batch.sample_indices)] if batch.sample_indices else ends[:0]
         return hidden, rows
 
-    @torch.inference_mode()
     def execute(self, batch: StepBatch) -> list[SampledToken]:
+        """Run one step; the sampled tokens (rank 0), one per sampling row."""
+        return self.execute_step(batch).sampled
+
+    @torch.inference_mode()
+    def execute_step(self, batch: StepBatch) -> StepOutput:
+        """Run one step; its sampled tokens and the scores of its prompt rows (rank 0)."""
         if self.tp_group is None:
             return self._execute(batch)
         self.tp_group.broadcast("execute", batch)
         try:
-            sampled = self._execute(batch)
+            out = self._execute(batch)
         except Exception as e:  # a collective broke: name the rank that went away, if one did
             self.tp_group.explain(e)
             raise
         self.tp_group.check()  # a rank lost mid-step (NCCL aborted): its tokens are not results
-        return sampled
+        return out
 
-    def _execute(self, batch: StepBatch) -> list[SampledToken]:
+    def _execute(self, batch: StepBatch) -> StepOutput:
         if batch.finished_seq_ids:
             self.sampler.free(batch.finished_seq_ids)
         if not batch.input_ids:
-            return []
+            return StepOutput()
+        scored = []
         with bound(self.tp):
             if (
                 self.graphs is not None
                 and self.on_layer_kv_written is None
+                and not batch.prompt_logprob_rows
                 and self.graphs.can_run(batch)
             ):
                 logits = self.graphs.run(batch)  # [S, V]: in a decode step, row i is sequence i
@@ -317,12 +326,23 @@ class ModelRunner:
                     logits = logits[self._to_device(batch.sample_indices)]
             else:
                 hidden, rows = self._eager_forward(batch)
+                if batch.prompt_logprob_rows:
+                    scored = self._score_prompts(hidden, batch)
                 if not batch.sample_indices:
-                    return []
+                    return StepOutput([], scored)
                 logits = self.model.compute_logits(hidden[rows])
         if self.rank != 0:  # the LM head's all-gather is done; rank 0 samples
-            return []
-        return self.sampler(logits, batch.sampling_rows)
+            return StepOutput()
+        return StepOutput(self.sampler(logits, batch.sampling_rows), scored)
+
+    def _score_prompts(self, hidden: torch.Tensor, batch: StepBatch) -> list[PromptLogprobs]:
+        # The LM head over at most 4 x max_num_seqs prompt positions at a time: its logits and
+        # their float32 logprobs stay under what the profiled step's sampler holds (max_num_seqs
+        # rows through a sort over the vocabulary).
+        return score_prompts(
+            self.model.compute_logits, hidden, batch.prompt_logprob_rows,
+            max_rows_per_call=4 * self.config.max_num_seqs, keep=self.rank == 0,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel engine and free this rank's CUDA graphs, KV
