@@ -24,6 +24,7 @@ from deployments.replica import PDReplica
 from deployments.router import DEPLOYMENT_NAMES, Router, build_router_app
 from deployments.routing import ReplicaIdRouter
 from pdray.config import Role
+from pdray.router.redis_server import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def build_app(args: dict) -> serve.Application:
         host = serve.deployment(RedisHost).options(
             name=REDIS_HOST, num_replicas=1, ray_actor_options={"num_cpus": 0}
         )
-        engines["redis"] = host.bind()
+        engines["redis"] = host.bind(port=free_port())  # kept if the replica is replaced
 
     def router_app():  # a plain function: Ray Serve calls it in each router replica
         return build_router_app(plain)

@@ -1,8 +1,12 @@
 """A one-replica deployment that runs the app's private redis-server (when no redis_url is set).
 
 It lives as long as the application: Ray Serve stops it with the app, and its __del__ stops the
-server. Other replicas ask it for the URL (`url()`); multi-node setups should set `redis_url` to
-a shared Redis instead, since this one listens on 127.0.0.1 of its node.
+server; however its actor ends (serve shutdown, `serve run` stopped by any signal, the process
+killed) the server dies with it (RedisServer's parent-death signal). A replacement replica
+starts its server on the same port (chosen when the app is built), so the URL that the other
+replicas hold stays valid; their heartbeats re-create the records. Other replicas ask it for the
+URL (`url()`); multi-node setups should set `redis_url` to a shared Redis instead, since this one
+listens on 127.0.0.1 of its node.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ DEPLOYMENT_NAME = "RedisHost"
 
 
 class RedisHost:
-    def __init__(self) -> None:
-        self.server = RedisServer()
+    def __init__(self, port: int | None = None) -> None:
+        self.server = RedisServer(port=port)
         self._url = self.server.start()
 
     def url(self) -> str:

