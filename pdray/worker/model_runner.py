@@ -336,12 +336,12 @@ class ModelRunner:
         return StepOutput(self.sampler(logits, batch.sampling_rows), scored)
 
     def _score_prompts(self, hidden: torch.Tensor, batch: StepBatch) -> list[PromptLogprobs]:
-        # The LM head over at most 4 x max_num_seqs prompt positions at a time: its logits and
-        # their float32 logprobs stay under what the profiled step's sampler holds (max_num_seqs
-        # rows through a sort over the vocabulary).
+        # The LM head over at most 2 x max_num_seqs prompt positions at a time: their logits and
+        # float32 logprobs (~11 bytes per vocabulary entry) stay under what the profiled step's
+        # sampler holds for max_num_seqs rows (a float32 copy, a sort with int64 ids, masks).
         return score_prompts(
             self.model.compute_logits, hidden, batch.prompt_logprob_rows,
-            max_rows_per_call=4 * self.config.max_num_seqs, keep=self.rank == 0,
+            max_rows_per_call=2 * self.config.max_num_seqs, keep=self.rank == 0,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -196,6 +196,21 @@ def test_only_a_request_that_asks_pays(path):
     assert sum(lm_head_rows) == sampled + prompt_positions
 
 
+def test_mixed_k_in_one_step_over_several_lm_head_calls(path, reference, tokenizer):
+    """Two scoring requests with different k in the same steps; max_num_seqs=2 limits a call of
+    the LM head to 4 prompt positions, so each step's rows span several calls."""
+    with LLM(path, max_num_seqs=2, **ENGINE) as few:
+        engine = few.engine
+        for k, prompt in zip((0, 5), PROMPTS[:2], strict=True):
+            params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=k)
+            engine.add_request(f"k{k}", prompt, params)
+        final = {}
+        while engine.has_unfinished_requests():
+            final.update((o.request_id, o) for o in engine.step())
+    assert_matches(final["k0"].prompt_logprobs, PROMPTS[0], reference, tokenizer, 0)
+    assert_matches(final["k5"].prompt_logprobs, PROMPTS[1], reference, tokenizer, 5)
+
+
 def test_streaming_outputs_carry_them_once_complete(path, reference, tokenizer):
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=1)
     with LLM(path, max_num_batched_tokens=8, **ENGINE) as small:
@@ -221,7 +236,9 @@ def test_validation():
 
 def test_tensor_parallel(path, reference, tokenizer):
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=4)
-    with LLM(path, tensor_parallel_size=2, max_num_batched_tokens=16, **ENGINE) as tp:
+    with LLM(
+        path, tensor_parallel_size=2, max_num_batched_tokens=16, max_num_seqs=3, **ENGINE
+    ) as tp:  # scoring steps make several LM head calls (6 positions each) on both ranks
         outputs = generate(tp, PROMPTS, params)
         # a second round: the ranks are still in step after scoring steps
         again = generate(tp, PROMPTS[:1], params)
