@@ -29,6 +29,7 @@ from pdray.config import Role
 from pdray.engine.loop import AsyncSink
 from pdray.engine.role_worker import PrefillResult
 from pdray.kv_transfer.base import Ticket
+from pdray.router.heartbeat import run_heartbeat
 from pdray.router.store import InstanceRecord, record_key
 
 logger = logging.getLogger(__name__)
@@ -185,23 +186,13 @@ class PDReplica:
         )
 
     def _heartbeat_loop(self) -> None:
-        import redis
-
-        client = redis.Redis.from_url(resolve_redis_url(self.args.redis_url))
-        key = self._key
-        ttl_ms = int(self.args.scheduler_ttl_s * 1000)
-        while self.loop.alive:  # a dead engine stops heartbeating: its record expires
-            record = None
-            try:
-                record = self._record()
-                client.set(key, record.model_dump_json(), px=ttl_ms)
-            except Exception as e:
-                logger.warning("heartbeat to Redis failed: %s", e)
-            if record is not None:  # metrics are updated even while Redis is unreachable
-                try:
-                    self._metrics.update(record)
-                except Exception as e:
-                    logger.warning("updating metrics failed: %s", e)
-            if self._stop.wait(self.args.scheduler_ttl_s / 3):
-                break
-        client.delete(key)
+        """Until __del__ sets _stop or the engine dies; survives Redis being unreachable."""
+        run_heartbeat(
+            key=self._key,
+            ttl_s=self.args.scheduler_ttl_s,
+            make_record=self._record,
+            redis_url=lambda: resolve_redis_url(self.args.redis_url),
+            stop=self._stop,
+            alive=lambda: self.loop.alive,
+            on_record=self._metrics.update,
+        )

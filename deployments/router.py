@@ -17,6 +17,10 @@ live decode instance full, or no live instance of a role in the snapshot: not re
 being replaced, or a record the snapshot saw late) it waits (pauses from `_WAIT_S` doubling to
 `_WAIT_MAX_S`, the snapshot refreshed after each) for up to `queue_timeout_s`, then gets a 503. Metrics (deployments/metrics.py): one RequestTrace
 per request, recorded when it ends, and one counter increment per routing decision.
+
+Redis unreachable (restarting, down): requests are routed from the last snapshot (its records
+age out after the TTL) or wait as above and get a 503 that says Redis is unreachable; the
+snapshot and the replicas' heartbeats pick Redis up again when it answers (pdray/router/).
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ class PDBackend:
         return self._handles[role]
 
     async def _ensure_snapshot(self) -> None:
-        if self._started is None:
-            self._started = asyncio.ensure_future(self._start_snapshot())
+        started = self._started
+        if started is None or (started.done() and (started.cancelled() or started.exception())):
+            self._started = asyncio.ensure_future(self._start_snapshot())  # (again if it failed)
         await asyncio.shield(self._started)
 
     async def _start_snapshot(self) -> None:
@@ -166,6 +171,8 @@ class PDBackend:
                         "for the prompt)" if e.full else str(e)
                     )  # fmt: skip
                     last_error = f"{why} for queue_timeout_s={self.args.queue_timeout_s:g} s"
+                    if self.snapshot.outage.error:  # served from the last snapshot meanwhile
+                        last_error += f"; {self.snapshot.outage.describe()}"
                     break
                 full.clear()
                 await asyncio.sleep(wait_s)
@@ -225,7 +232,11 @@ class PDBackend:
         await snapshot.refresh()
         pd = snapshot.records(Role.PREFILL) and snapshot.records(Role.DECODE)
         if not pd and not snapshot.records(Role.MIXED):
-            raise RuntimeError("no prefill/decode pair or mixed replica is registered yet")
+            outage = snapshot.outage.describe()
+            raise RuntimeError(
+                "no prefill/decode pair or mixed replica is registered yet"
+                + (f" ({outage})" if outage else "")
+            )
 
     async def _one_attempt(
         self, request_id, attempt_id, prompt, params, num_tokens, exclude, full, sent, trace

@@ -10,8 +10,11 @@ not expired and not excluded by the caller are ever picked; with none, `NoCapaci
 
 `RouterSnapshot` keeps the records in memory for the router's hot path: `start()` reads them
 once, then a background task refreshes them every `refresh_interval_s` (a quarter of the TTL by
-default). If Redis is unreachable the old records stay, but each drops out once its own
-heartbeat is older than the TTL, so a stale snapshot never routes to a dead instance for long.
+default); callers may refresh too (concurrent refreshes share one read). A refresh never raises
+and never takes longer than `refresh_timeout_s`: if Redis is unreachable (down, restarting,
+slow) the old records stay, the outage is logged (`outage`), and each record drops out once its
+own heartbeat is older than the TTL, so a stale snapshot never routes to a dead instance for
+long. When Redis answers again, the records the instances' heartbeats re-created come back.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pdray.config import Role
 from pdray.entrypoints.openai.protocol import NoCapacityError
-from pdray.router.store import InstanceRecord, InstanceStore
+from pdray.router.store import InstanceRecord, InstanceStore, RedisOutage
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +154,7 @@ class RouterSnapshot:
         *,
         picker: InstancePicker | None = None,
         refresh_interval_s: float | None = None,
+        refresh_timeout_s: float | None = None,
     ):
         self.store = store
         self.picker = picker or InstancePicker()
@@ -160,19 +164,23 @@ class RouterSnapshot:
                 f"refresh_interval_s ({self.refresh_interval_s}) must be below the TTL "
                 f"({store.ttl_s}s), or routers see instances that are gone"
             )
+        self.refresh_timeout_s = refresh_timeout_s or 2 * getattr(store, "timeout_s", 1.0)
+        self.outage = RedisOutage("router snapshot")
         self._records: list[InstanceRecord] = []
         self._task: asyncio.Task | None = None
+        self._reading: asyncio.Future | None = None  # the refresh in flight, shared
 
     async def start(self) -> None:
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_loop(), name="pdray-router-snapshot")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._reading):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._reading = None
 
     async def __aenter__(self) -> RouterSnapshot:
         await self.start()
@@ -182,16 +190,31 @@ class RouterSnapshot:
         await self.stop()
 
     async def refresh(self) -> list[InstanceRecord]:
-        self._records = await self.store.snapshot()
+        """Re-read the records; on a Redis error or past refresh_timeout_s keep the old ones."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read())
+        await asyncio.shield(self._reading)  # a caller that leaves does not cancel the others'
         return self._records
+
+    async def _read(self) -> None:
+        try:
+            records = await asyncio.wait_for(self.store.snapshot(), self.refresh_timeout_s)
+        except TimeoutError:
+            self.outage.failed(TimeoutError(f"no snapshot within {self.refresh_timeout_s:g} s"))
+            return
+        except Exception as e:  # Redis down: keep the records, they age out by time_s
+            self.outage.failed(e)
+            return
+        self.outage.recovered()
+        self._records = records
 
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_interval_s)
             try:
                 await self.refresh()
-            except Exception as e:  # Redis down: keep the records, they age out by time_s
-                logger.warning("refreshing the instance snapshot failed: %s", e)
+            except Exception:  # refresh() raises nothing it expects; the loop must live on
+                logger.exception("refreshing the instance snapshot failed")
 
     def records(self, role: Role | None = None) -> list[InstanceRecord]:
         """Records that are fresh (heartbeat within the TTL) and not marked down."""

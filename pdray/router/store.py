@@ -6,6 +6,11 @@ the TTL runs out, and `remove()` deletes it at once on a clean shutdown. Routers
 records with SCAN + MGET (`snapshot()`); a record that expires between the two is skipped. A
 router that fails to reach an instance calls `mark_down()`: the record is deleted and the
 instance is kept out of this store's snapshots for `down_s`, even if it heartbeats again.
+
+Every Redis call has a deadline (`connect`: connect and read within `timeout_s`, one immediate
+retry so that a pooled connection that died with a restarted server reconnects), so an
+unreachable Redis costs a caller at most about 2 x timeout_s per call, never a hang.
+`RedisOutage` logs an outage once when it starts, then every `repeat_s`, and when it ends.
 """
 
 from __future__ import annotations
@@ -21,6 +26,63 @@ from pdray.config import Role
 logger = logging.getLogger(__name__)
 
 _SCAN_COUNT = 256
+REDIS_TIMEOUT_S = 1.0  # per Redis call (connect, read); routing state is small and local
+
+
+def connect(url: str, timeout_s: float = REDIS_TIMEOUT_S, *, asyncio: bool = False, **kwargs):
+    """A redis-py client (`redis.asyncio` with asyncio=True) whose calls have a deadline."""
+    from redis.backoff import NoBackoff
+
+    if asyncio:
+        import redis.asyncio as client_module
+        from redis.asyncio.retry import Retry
+    else:
+        import redis as client_module
+        from redis.retry import Retry
+    return client_module.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        **kwargs,
+    )
+
+
+class RedisOutage:
+    """Logs a Redis outage as a warning when it starts and every `repeat_s` while it lasts, and
+    its end; `error` is the last failure (None while Redis answers)."""
+
+    def __init__(self, what: str, repeat_s: float = 60.0):
+        self.what = what
+        self.repeat_s = repeat_s
+        self.error: str | None = None
+        self.since_s: float | None = None  # time.monotonic() of the first failure
+        self._logged_s = 0.0
+
+    def failed(self, e: BaseException) -> None:
+        now = time.monotonic()
+        self.error = f"{type(e).__name__}: {e}"
+        if self.since_s is None:
+            self.since_s = now
+        if self._logged_s <= self.since_s or now - self._logged_s >= self.repeat_s:
+            self._logged_s = now
+            logger.warning(
+                "%s: Redis unreachable for %.0f s (%s); retrying", self.what, now - self.since_s,
+                self.error,
+            )  # fmt: skip
+
+    def recovered(self) -> None:
+        if self.since_s is not None:
+            logger.warning(
+                "%s: Redis answers again after %.0f s", self.what, time.monotonic() - self.since_s
+            )
+        self.error = self.since_s = None
+
+    def describe(self) -> str:
+        """'' while Redis answers; else how long it has been unreachable, and why."""
+        if self.since_s is None:
+            return ""
+        return f"Redis unreachable for {time.monotonic() - self.since_s:.0f} s ({self.error})"
 
 
 class InstanceRecord(BaseModel):
@@ -69,16 +131,16 @@ class InstanceStore:
         *,
         down_s: float | None = None,
         client: Any = None,
+        timeout_s: float = REDIS_TIMEOUT_S,
     ):
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         if not app_name or ":" in app_name:
             raise ValueError(f"app_name must be non-empty and without ':', got {app_name!r}")
         if client is None:
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            client = connect(redis_url, timeout_s, asyncio=True, decode_responses=True)
         self.redis = client
+        self.timeout_s = timeout_s
         self.redis_url = redis_url
         self.app_name = app_name
         self.ttl_s = ttl_s

@@ -403,3 +403,42 @@ def test_fail_policy_aborts_the_request_on_both_instances(checkpoint, redis_url)
         await backend.snapshot.stop()
 
     asyncio.run(main())
+
+
+def test_redis_down_serves_from_the_snapshot_then_503_then_recovers(checkpoint):
+    """Redis stopped: a request is served from the router's last snapshot while its records are
+    fresh; once they are older than the TTL, one gets a 503 naming Redis after queue_timeout_s.
+    Redis restarted on the same port and the instances' heartbeats back: served again."""
+
+    async def main():
+        clock = asyncio.get_running_loop().time
+        server = RedisServer()
+        url = server.start()
+        port = server.port
+        try:
+            backend = await _backend(
+                checkpoint, url, {"d0": 5}, app_name="redis-down", queue_timeout_s=0.5
+            )
+            server.stop()
+            assert (await asyncio.wait_for(_generate(backend, "r1"), 5))[-1].finished
+            deadline = clock() + TTL_S + 5
+            while backend.snapshot.records():  # their heartbeats age past the TTL
+                assert clock() < deadline, "records outlived their TTL"
+                await asyncio.sleep(0.1)
+            start = clock()
+            with pytest.raises(NoCapacityError, match="queue_timeout_s=0.5 s; Redis unreachable"):
+                await asyncio.wait_for(_generate(backend, "r2"), 10)
+            assert clock() - start < 0.5 + backend.snapshot.refresh_timeout_s + 1
+            server = RedisServer(port=port)
+            assert server.start() == url
+            store = InstanceStore(url, "redis-down", TTL_S)
+            for r in (record("p0", Role.PREFILL), record("d0", Role.DECODE)):
+                await store.heartbeat(r)  # what the replicas' heartbeat loops do
+            assert (await asyncio.wait_for(_generate(backend, "r3"), 10))[-1].finished
+            assert backend.snapshot.outage.error is None
+            await backend.snapshot.stop()
+            await store.close()
+        finally:
+            server.stop()
+
+    asyncio.run(main())
