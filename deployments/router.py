@@ -18,6 +18,10 @@ being replaced, or a record the snapshot saw late) it waits (pauses from `_WAIT_
 `_WAIT_MAX_S`, the snapshot refreshed after each) for up to `queue_timeout_s`, then gets a 503. Metrics (deployments/metrics.py): one RequestTrace
 per request, recorded when it ends, and one counter increment per routing decision.
 
+Every request has an end-to-end deadline, `request_timeout_s` from its arrival (queueing,
+attempts, streaming): past it the request is aborted on the instances of its current attempt
+(earlier attempts were aborted when they failed) and ends with `RequestTimeoutError` (HTTP 504).
+
 Redis unreachable (restarting, down): requests are routed from the last snapshot (its records
 age out after the TTL) or wait as above and get a 503 that says Redis is unreachable; the
 snapshot and the replicas' heartbeats pick Redis up again when it answers (pdray/router/).
@@ -52,6 +56,7 @@ from pdray.entrypoints.openai.api import build_openai_app
 from pdray.entrypoints.openai.protocol import NoCapacityError
 from pdray.models.loader import load_model_config
 from pdray.outputs import RequestOutput
+from pdray.router.deadline import until_deadline
 from pdray.router.policy import InstancePicker, PolicyConfig, RouterSnapshot
 from pdray.router.store import InstanceRecord, InstanceStore
 from pdray.sampling_params import SamplingParams
@@ -108,14 +113,24 @@ class PDBackend:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; past `request_timeout_s` it is aborted on its instances (the
+        attempts' cleanup) and ends with RequestTimeoutError."""
         trace = RequestTrace()
         status = RequestStatus.ABORTED  # unless it finishes or fails: the consumer left
+        timeout_s = self.args.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        message = (
+            f"request {request_id} did not finish within request_timeout_s={timeout_s:g} s; "
+            "it was aborted"
+        )
         try:
-            async for output in self._attempts(request_id, prompt, params, trace):
-                trace.on_output(output)
-                if output.finished:
-                    status = _finish_status(output)
-                yield output
+            attempts = self._attempts(request_id, prompt, params, trace)
+            async with contextlib.aclosing(until_deadline(attempts, deadline, message)) as outputs:
+                async for output in outputs:  # closed on every path, the attempts' with it
+                    trace.on_output(output)
+                    if output.finished:
+                        status = _finish_status(output)
+                    yield output
         except NoCapacityError:
             status = RequestStatus.NO_CAPACITY
             raise

@@ -442,3 +442,49 @@ def test_redis_down_serves_from_the_snapshot_then_503_then_recovers(checkpoint):
             server.stop()
 
     asyncio.run(main())
+
+
+def test_request_timeout_ends_the_request_and_aborts_it_on_both_instances(checkpoint, redis_url):
+    """Decode never finishes (it streams nothing after prefill's first token): at
+    request_timeout_s the request ends with RequestTimeoutError, and the attempt is aborted on
+    the decode and the prefill instance (freeing its blocks), its streams cancelled."""
+    from pdray.router.deadline import RequestTimeoutError
+
+    async def main():
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5}, app_name="deadline", request_timeout_s=0.5
+        )
+        decode = backend._handles[Role.DECODE]
+        decode.hold_decode = asyncio.Event()  # never set
+        clock = asyncio.get_running_loop().time
+        start, sent = clock(), []
+        with pytest.raises(RequestTimeoutError, match=r"within request_timeout_s=0\.5 s"):
+            async for output in backend.generate("r", [1, 2], SamplingParams(max_tokens=4)):
+                sent.append(output.outputs[0].token_ids)
+        assert 0.5 <= clock() - start < 3
+        assert sent == [[7]]  # the first token (from prefill), then nothing
+        prefill = backend._handles[Role.PREFILL]
+        assert decode.aborted == [("d0", "r")] and prefill.aborted == [("p0", "r")]
+        assert backend._placed == {}
+        await backend.abort("r")  # the HTTP layer's abort afterwards: nothing left to abort
+        assert len(decode.aborted) == 1 and len(prefill.aborted) == 1
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_request_timeout_while_queued_is_a_timeout_not_a_503(checkpoint, redis_url):
+    """No decode room and queue_timeout_s > request_timeout_s: the deadline ends the wait."""
+    from pdray.router.deadline import RequestTimeoutError
+
+    async def main():
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 0}, app_name="deadline-queued", queue_timeout_s=30,
+            request_timeout_s=0.3,
+        )  # fmt: skip
+        with pytest.raises(RequestTimeoutError, match="request_timeout_s=0.3 s"):
+            await asyncio.wait_for(_generate(backend), 5)
+        assert backend._handles[Role.DECODE].reserved == [] and backend._placed == {}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
