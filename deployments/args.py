@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdray.config import EngineConfig
+from pdray.entrypoints.openai.protocol import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES
 from pdray.kv_transfer.base import FailurePolicy
 
 
@@ -82,6 +83,17 @@ class AppArgs(BaseModel):
         "instance it reached, freeing its blocks",
     )
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>'")
+    max_n: int = Field(
+        DEFAULT_MAX_N,
+        ge=1,
+        description="most completions one request may ask for (`n`, `best_of`); more is a 400 "
+        "(OpenAI documents 128; vLLM sets no bound)",
+    )
+    max_request_body_bytes: int = Field(
+        DEFAULT_MAX_REQUEST_BODY_BYTES,
+        ge=1,
+        description="larger request bodies get a 413 before they are parsed",
+    )
     app_name: str = Field("pdray", description="namespace of this app's Redis records")
 
     @model_validator(mode="after")

@@ -4,6 +4,11 @@ A `BackendStream` is one backend request: `open()` waits for its first output (s
 the first token become HTTP statuses), `next()` pulls the next cumulative output, `close()`
 aborts it unless it finished. Whoever opens streams closes them with `close_all` on every path;
 cleanup runs shielded from cancellation, because a client disconnect cancels the handler.
+
+Errors reach the client as `APIError`s (`as_api_error`) that carry no internals: a bad request
+keeps only the message of the exception a replica raised (out of Ray's `RayTaskError`, whose text
+names the actor, its pid and address, and the traceback), anything unexpected is a 500 that
+names only the request id, under which the server logs the whole error.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,6 +37,7 @@ from pdray.entrypoints.openai.protocol import (
     NoCapacityError,
 )
 from pdray.outputs import CompletionOutput, RequestOutput
+from pdray.router.deadline import RequestTimeoutError
 from pdray.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -63,15 +70,114 @@ class APIError(Exception):
         return JSONResponse(self.body().model_dump(mode="json"), status_code=self.status_code)
 
 
-def as_api_error(error: Exception) -> APIError:
+# Text that only the server should see: Ray's task and actor errors, process ids, tracebacks,
+# object reprs. Addresses (URLs, IPv4 with a port) are replaced by "<address>".
+_INTERNAL = re.compile(
+    r"ray::|Ray[A-Za-z]*Error|ActorDiedError|ServeReplica|\b(?:pid|ip|actor_id|node_id)=|"
+    r"Traceback \(most recent call last\)|^\s*File \"|\b0x[0-9a-fA-F]{6,}\b",
+    re.MULTILINE,
+)
+_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s)]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
+# The last line of a traceback: "ValueError: message" (the exception a replica raised).
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception): (.+)$")
+_MAX_MESSAGE_CHARS = 1000
+
+
+def _is_ray_error(error: BaseException) -> bool:
+    return any(cls.__name__ in ("RayError", "RayTaskError") for cls in type(error).__mro__)
+
+
+def remote_cause(error: BaseException) -> BaseException:
+    """The exception a replica raised, out of Ray's wrappers. A RayTaskError keeps it in `cause`
+    (Ray Serve raises `RayTaskError(ValueError)`, an instance of both, whose str is Ray's text);
+    an error re-raised with such text (`raise ValueError(str(e)) from None`) keeps the wrapper in
+    `__context__`. Ray is not imported: the wrappers are recognised by class name."""
+    for _ in range(16):  # a replica calling a replica wraps twice; a cycle ends here
+        cause = getattr(error, "cause", None) if _is_ray_error(error) else None
+        if isinstance(cause, BaseException) and cause is not error:
+            error = cause
+            continue
+        inner = error.__cause__ or error.__context__
+        if inner is not None and _INTERNAL.search(str(error)):
+            error = inner
+            continue
+        break
+    return error
+
+
+def client_message(error: BaseException, *, from_traceback: bool = True) -> str | None:
+    """What a client may read of `error`: the original exception's message (one line), or None
+    when nothing of it is free of internals. With `from_traceback`, text that holds a traceback
+    gives its last line's message (the exception raised at its end)."""
+    text = str(remote_cause(error)).strip()
+    if _INTERNAL.search(text):
+        if not from_traceback:
+            return None
+        lines = (_EXCEPTION_LINE.match(line) for line in reversed(text.splitlines()))
+        text = next((m.group(1).strip() for m in lines if m is not None), "")
+    text = _ADDRESS.sub("<address>", text.splitlines()[0].strip() if text else "")
+    if not text or _INTERNAL.search(text):
+        return None
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def internal_error(request_id: str | None) -> APIError:
+    where = f"; the server logged it under request id {request_id}" if request_id else ""
+    return APIError(500, f"internal server error{where}", type=ErrorType.SERVER)
+
+
+def as_api_error(error: Exception, request_id: str | None = None) -> APIError:
+    """400 for a ValueError, 503 for NoCapacityError, 504 for RequestTimeoutError, else a 500
+    naming only `request_id`; the server logs what the client does not see."""
     if isinstance(error, APIError):
         return error
-    if isinstance(error, NoCapacityError):
-        return APIError(503, str(error), type=ErrorType.SERVICE_UNAVAILABLE)
+    if isinstance(error, RequestTimeoutError):  # request_timeout_s ran out; it was aborted
+        message = client_message(error, from_traceback=False) or "the request timed out"
+        return APIError(504, message, type=ErrorType.TIMEOUT)
+    if isinstance(error, NoCapacityError):  # the router's words, maybe quoting a replica's error
+        message = client_message(error, from_traceback=False)
+        if message != str(error):
+            logger.warning("request %s: no capacity: %s", request_id, error)
+        message = message or "no instance can take the request now; try again later"
+        return APIError(503, message, type=ErrorType.SERVICE_UNAVAILABLE)
     if isinstance(error, ValueError):
-        return APIError(400, str(error), param=getattr(error, "param", None))
-    logger.error("backend request failed", exc_info=error)
-    return APIError(500, f"{type(error).__name__}: {error}", type=ErrorType.SERVER)
+        message = client_message(error)
+        if message != str(error):
+            logger.warning("request %s refused: %s", request_id, error)
+        message = message or f"the request was refused (request id {request_id})"
+        return APIError(400, message, param=getattr(error, "param", None))
+    logger.error("request %s failed", request_id, exc_info=error)
+    return internal_error(request_id)
+
+
+# A body this many times over the limit is not read to its end before the 413 (the connection is
+# closed instead); under it, the rest is read and dropped, so that the client, still sending,
+# gets to read the answer.
+_DRAIN_FACTOR = 4
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, or a 413 when it is over `max_bytes` (known from Content-Length or
+    found while reading: a chunked body has none)."""
+    too_large = APIError(
+        413,
+        f"The request body is larger than this server's limit of {max_bytes} bytes "
+        "(max_request_body_bytes)",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _DRAIN_FACTOR * max_bytes:
+        raise too_large
+    chunks, num_bytes = [], 0
+    async for chunk in request.stream():
+        num_bytes += len(chunk)
+        if num_bytes <= max_bytes:
+            chunks.append(chunk)
+        elif num_bytes > _DRAIN_FACTOR * max_bytes:
+            break
+    if num_bytes > max_bytes:
+        raise too_large
+    return b"".join(chunks)
 
 
 class BackendStream:
@@ -95,7 +201,7 @@ class BackendStream:
             try:
                 outputs = await outputs
             except Exception as e:
-                raise as_api_error(e) from e
+                raise as_api_error(e, self.request_id) from e
         self._outputs = outputs
         self.first = await self.next()
 
@@ -111,7 +217,7 @@ class BackendStream:
                 type=ErrorType.SERVER,
             ) from None  # fmt: skip
         except Exception as e:
-            raise as_api_error(e) from e
+            raise as_api_error(e, self.request_id) from e
         self.finished = out.finished
         return out
 
@@ -263,13 +369,13 @@ def sse(payload: BaseModel | None, include_usage: bool = False) -> str:
     return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
 
 
-async def event_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def event_stream(chunks: AsyncIterator[str], request_id: str) -> AsyncIterator[str]:
     """`chunks`, then `[DONE]`; an error after the first chunk becomes an error event."""
     try:
         async for chunk in chunks:
             yield chunk
     except Exception as e:  # headers are sent: the error goes in the stream
-        yield sse(as_api_error(e).body())
+        yield sse(as_api_error(e, request_id).body())
     finally:
         with anyio.CancelScope(shield=True):
             await chunks.aclose()
