@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 _EPS = 1e-5
@@ -43,14 +44,27 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def integer(value) -> bool:  # bool is an int in Python; not here
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(name, "must be a number")
+            if not math.isfinite(value):
+                raise bad(name, "must be finite (not NaN or infinite)")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not integer(value):
+                raise bad(name, "must be an integer")
+        if not integer(self.n) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0")
@@ -60,8 +74,8 @@ class SamplingParams:
             raise bad("top_k", "must be -1, 0 (disabled) or a positive integer")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer or None")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise bad("seed", "must fit in 64 bits (signed)")
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "must be > 0")
         if not -2 <= self.presence_penalty <= 2:
@@ -78,8 +92,8 @@ class SamplingParams:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must hold non-empty strings")
-        if any(t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must hold non-negative token ids")
+        if any(not integer(t) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must hold non-negative integer token ids")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
         ):
@@ -104,3 +118,8 @@ class SamplingParams:
     def to_dict(self) -> dict:
         """Plain dict that `SamplingParams(**d)` accepts (crosses process boundaries)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")  # fmt: skip
+_INT_FIELDS = ("top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")

@@ -183,7 +183,6 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": [1, 2, 384]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[1], [-1]]}, 400, "prompt"),

@@ -61,12 +61,15 @@ async def test_no_capacity_is_503_and_bad_request_is_400(stream):
 async def test_error_after_the_first_token():
     backend = FakeBackend(["a", "ab"], RuntimeError("decode replica died"))
     error = assert_openai_error(await post(backend, {}), 500)
-    assert "decode replica died" in error["message"]
+    # no internal text to the client: a generic message and the request id (logged there)
+    assert "decode replica died" not in error["message"]
+    assert "internal server error" in error["message"] and "request id cmpl-" in error["message"]
     r = await post(backend, {"stream": True})
     assert r.status_code == 200
     events = parse_sse(r.text)
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["a", "b"]
-    assert "decode replica died" in events[-1]["error"]["message"]
+    assert "request id cmpl-" in events[-1]["error"]["message"]
+    assert "decode replica died" not in events[-1]["error"]["message"]
     assert len(backend.aborted) == 2
 
 
