@@ -394,6 +394,8 @@ async def _call(response, instance: InstanceRecord):
     try:
         return await asyncio.wait_for(response, _RESERVE_TIMEOUT_S)
     except Exception as e:  # timeout, replica death, or an error it raised
+        if _is_user_error(e):  # bad input: the replica is fine, and so is every other one
+            raise ValueError(str(_user_error(e))) from None
         raise _InstanceFailed(instance, _brief(e)) from None
 
 
@@ -422,7 +424,7 @@ async def _guard(gen, instance: InstanceRecord):
         if isinstance(cause, HandoffFailed):
             raise _HandoffFailed(instance, cause) from None
         if _is_user_error(e):
-            raise ValueError(str(e)) from None
+            raise ValueError(str(_user_error(e))) from None
         raise _InstanceFailed(instance, _brief(e)) from None
 
 
@@ -435,8 +437,12 @@ def _brief(e: Exception) -> str:
 
 
 def _is_user_error(e: Exception) -> bool:
-    cause = getattr(e, "cause", None) or e.__cause__
-    return isinstance(cause, ValueError)
+    return isinstance(_user_error(e), ValueError)
+
+
+def _user_error(e: Exception) -> BaseException | None:
+    """What a replica raised (a RayTaskError's `cause`), or the chained cause."""
+    return getattr(e, "cause", None) or e.__cause__
 
 
 def _log_prefill_end(request_id: str, end: PrefillResult | Exception) -> None:
@@ -450,8 +456,9 @@ def build_router_app(args: dict):
     """ASGI app builder, evaluated inside each router replica."""
     app_args = AppArgs(**args)
     return build_openai_app(
-        PDBackend(app_args), model_name=app_args.model_name, api_key=app_args.api_key
-    )
+        PDBackend(app_args), model_name=app_args.model_name, api_key=app_args.api_key,
+        max_n=app_args.max_n, max_request_body_bytes=app_args.max_request_body_bytes,
+    )  # fmt: skip
 
 
 class Router:

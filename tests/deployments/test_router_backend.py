@@ -488,3 +488,26 @@ def test_request_timeout_while_queued_is_a_timeout_not_a_503(checkpoint, redis_u
         await backend.snapshot.stop()
 
     asyncio.run(main())
+
+
+def test_bad_input_refused_by_decode_reserve_is_a_400_and_decode_stays_up(checkpoint, redis_url):
+    """A ValueError from a replica (Ray wraps it: `cause`) is the client's error: it reaches the
+    client as a ValueError (400), no other instance is tried, none is marked down."""
+
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5, "d1": 5}, app_name="bad")
+        decode = backend._handles[Role.DECODE]
+        calls = []
+
+        async def refuse(replica_id, request_id, prompt, params):
+            calls.append(replica_id)
+            raise _RayError(ValueError("seed must fit in 64 bits"))
+
+        decode._reserve = refuse
+        with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+            await _generate(backend)
+        assert len(calls) == 1  # not retried elsewhere
+        assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d0", "d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
