@@ -12,7 +12,7 @@ Queues:  waiting -> running -> (finished | held)          held: prefill role, bl
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from pdray.engine.block_manager import BlockManager
@@ -72,7 +72,7 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._grow_or_preempt(seq, num_new, scheduled, out):
-                break  # seq itself was preempted: it was the last running one
+                continue  # seq itself was preempted (out of `running`): the next one is at i
             out.scheduled.append(ScheduledSeq(seq, num_new))
             scheduled.add(id(seq))
             budget -= num_new
@@ -101,7 +101,7 @@ class Scheduler:
     ) -> bool:
         target = seq.num_computed_tokens + num_new
         while not self.block_manager.grow(seq, target):
-            victim = self.running[-1]
+            victim = self._victim(scheduled)
             if id(victim) in scheduled:
                 raise RuntimeError("KV cache too small for the sequences already scheduled")
             self._preempt(victim)
@@ -109,6 +109,18 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
+
+    def _victim(self, scheduled: set[int]) -> Sequence:
+        """The sequence to preempt: the newest one of the request running the most sequences
+        when some request runs several (a request with a large `n` yields its own sequences
+        before a one-sequence request loses its place), else the newest running one."""
+        counts = Counter(s.request_id for s in self.running)
+        most = max(counts.values())
+        if most > 1:
+            for seq in reversed(self.running):
+                if counts[seq.request_id] == most and id(seq) not in scheduled:
+                    return seq
+        return self.running[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -149,3 +149,19 @@ def test_prefill_engines_take_smaller_steps_by_default():
     explicit = EngineConfig(model="dummy:tiny", role="prefill", max_num_batched_tokens=8192)
     assert explicit.max_num_batched_tokens == 8192
     assert prefill.replace(role="mixed").max_num_batched_tokens == 2048  # stays what it was
+
+
+def test_a_request_with_several_sequences_yields_its_own_before_a_single_one():
+    """Blocks run out: the victim is the newest sequence of the request running the most (a
+    large-n request cannot push a one-sequence request out), not the newest overall."""
+    bm = BlockManager(4, 2, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    tokens = [5, 6]
+    big = [Sequence(f"big-{i}", "big", i, list(tokens), 2, SamplingParams()) for i in range(2)]
+    short = Sequence("short", "short", 0, [7, 8], 2, SamplingParams())
+    for seq in [*big, short]:
+        sched.add(seq)
+    run_step(sched)  # three prompts prefilled: one block each, a token appended to each
+    out = run_step(sched)  # each needs a 2nd block; one is free
+    assert out.preempted == [big[1]]  # LIFO would have taken `short`
+    assert short.status is SequenceStatus.RUNNING and out.ids == ["big-0", "short"]
