@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import openai
 import ray
@@ -172,3 +173,66 @@ def instance_records(server) -> dict[str, dict]:
                 record = json.loads(value)
                 records[record["instance_id"]] = record
     return records
+
+
+class StreamFailed(NamedTuple):
+    """A streamed request that ended in an error, with the text streamed before it."""
+
+    text: str
+    error: Exception
+
+
+def async_client(server, timeout_s: float = 120.0):
+    import openai
+
+    base_url = f"{server['base_url']}/v1"
+    return openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout_s)
+
+
+async def stream_text(aclient, model: str, prompt: list[int], max_tokens: int, on_chunk=None):
+    """The streamed text of a greedy completion, or StreamFailed with what came before the error.
+    `on_chunk(text so far)` runs per chunk; when it returns True the client stops reading."""
+    import httpx
+    import openai
+
+    text = ""
+    try:
+        chunks = await aclient.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        async with chunks:
+            async for chunk in chunks:
+                text += chunk.choices[0].text if chunk.choices else ""
+                if on_chunk is not None and on_chunk(text):
+                    break
+        return text
+    except (openai.APIError, httpx.HTTPError) as e:
+        return StreamFailed(text, e)
+
+
+def assert_completions_equal_offline(server, prompts, max_tokens: int) -> list:
+    """Greedy completions over HTTP equal the offline engine's; the offline outputs."""
+    from pdray import LLM, SamplingParams
+
+    client, model = server["client"], server["model"]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    want = LLM(model, device="cpu", dtype="float32").generate(prompts, params, use_tqdm=False)
+    for prompt, expected in zip(prompts, want, strict=True):
+        out = client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert out.choices[0].text == expected.outputs[0].text
+    return want
+
+
+def wait_all_blocks_free(server, timeout_s: float = 10.0) -> None:
+    """Until the heartbeats show every KV block free on every instance, else fail."""
+    deadline = time.time() + timeout_s
+    while True:
+        records = instance_records(server)
+        if all(r["free_kv_blocks"] == r["total_kv_blocks"] for r in records.values()):
+            return
+        assert time.time() < deadline, f"blocks still taken after {timeout_s} s: {records}"
+        time.sleep(0.2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import NamedTuple
 
 import pytest
 
@@ -20,9 +19,12 @@ pytest.importorskip("prometheus_client")
 
 from serve_harness import (  # noqa: E402
     MAX_MODEL_LEN,
+    StreamFailed,
+    async_client,
     instance_records,
     run_app,
     settled_scrape,
+    stream_text,
 )
 
 from pdray import LLM, SamplingParams  # noqa: E402
@@ -191,28 +193,14 @@ def test_decode_replica_killed_mid_run(server):
     stop_reading_s = {"long": float("inf")}  # then the client leaves (the server aborts)
 
     async def request(aclient, kind: str, i: int, prompt: list[int], max_tokens: int):
-        text = ""
-        try:
-            chunks = await aclient.completions.create(
-                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                extra_body={"ignore_eos": True},
-            )  # fmt: skip
-            async with chunks:
-                async for chunk in chunks:
-                    first_chunk_s.setdefault((kind, i), time.monotonic())
-                    text += chunk.choices[0].text if chunk.choices else ""
-                    if time.monotonic() > stop_reading_s.get(kind, float("inf")):
-                        break
-            return text
-        except openai.APIError as e:
-            return StreamFailed(text, e)  # keeps what was streamed before the error
+        def on_chunk(text: str) -> bool:
+            first_chunk_s.setdefault((kind, i), time.monotonic())
+            return time.monotonic() > stop_reading_s.get(kind, float("inf"))
 
-    def async_client():
-        base_url = f"{server['base_url']}/v1"
-        return openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+        return await stream_text(aclient, model, prompt, max_tokens, on_chunk)
 
     async def together(kind: str, prompts_: list[list[int]]) -> list:
-        async with async_client() as aclient:
+        async with async_client(server) as aclient:
             calls = [request(aclient, kind, i, p, 16) for i, p in enumerate(prompts_)]
             return await asyncio.gather(*calls)
 
@@ -236,7 +224,7 @@ def test_decode_replica_killed_mid_run(server):
             await asyncio.sleep(0.05)
 
     async def main():
-        async with async_client() as aclient:
+        async with async_client(server) as aclient:
             return await kill_mid_run(aclient)
 
     async def kill_mid_run(aclient):
@@ -326,13 +314,6 @@ def test_decode_replica_killed_mid_run(server):
     assert {i: r["free_kv_blocks"] for i, r in records.items()} == {
         i: r["total_kv_blocks"] for i, r in records.items()
     }
-
-
-class StreamFailed(NamedTuple):
-    """A streamed request that ended in an error, with the text streamed before it."""
-
-    text: str
-    error: Exception
 
 
 def _replica_actor(replica_id: str):

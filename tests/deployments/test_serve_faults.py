@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import NamedTuple
 
 import pytest
 
@@ -20,7 +19,14 @@ pytest.importorskip("redis")
 pytest.importorskip("ucxx")
 pytest.importorskip("prometheus_client")
 
-from serve_harness import MAX_MODEL_LEN, instance_records, run_app  # noqa: E402
+from serve_harness import (  # noqa: E402
+    MAX_MODEL_LEN,
+    StreamFailed,
+    async_client,
+    instance_records,
+    run_app,
+    stream_text,
+)
 
 from pdray import LLM, SamplingParams  # noqa: E402
 
@@ -52,36 +58,6 @@ def offline(model: str, prompts, max_tokens: int) -> list[str]:
     return [
         o.outputs[0].text for o in _offline_llm(model).generate(prompts, params, use_tqdm=False)
     ]
-
-
-class StreamFailed(NamedTuple):
-    """A streamed request that ended in an error, with the text streamed before it."""
-
-    text: str
-    error: Exception
-
-
-def async_client(server, timeout_s: float = 120.0) -> openai.AsyncOpenAI:
-    base_url = f"{server['base_url']}/v1"
-    return openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout_s)
-
-
-async def stream_text(aclient, model: str, prompt: list[int], max_tokens: int, on_chunk=None):
-    """The streamed text, or StreamFailed with what came before the error."""
-    text = ""
-    try:
-        chunks = await aclient.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        async with chunks:
-            async for chunk in chunks:
-                text += chunk.choices[0].text if chunk.choices else ""
-                if on_chunk is not None:
-                    on_chunk(text)
-        return text
-    except (openai.APIError, httpx.HTTPError) as e:
-        return StreamFailed(text, e)
 
 
 def assert_clear_error(error: Exception) -> None:

@@ -15,7 +15,12 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 pytest.importorskip("ucxx")
 
-from serve_harness import MAX_MODEL_LEN, instance_records, run_app  # noqa: E402
+from serve_harness import (  # noqa: E402
+    MAX_MODEL_LEN,
+    assert_completions_equal_offline,
+    run_app,
+    wait_all_blocks_free,
+)
 
 from pdray import LLM, SamplingParams  # noqa: E402
 
@@ -30,22 +35,8 @@ def server(checkpoint, tmp_path_factory):
 
 
 def test_tensor_parallel_prefill_and_decode_equal_offline(server):
-    client, model = server["client"], server["model"]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    want = LLM(model, device="cpu", dtype="float32").generate(PROMPTS, params, use_tqdm=False)
-    for prompt, expected in zip(PROMPTS, want, strict=True):
-        out = client.completions.create(
-            model=model, prompt=prompt, max_tokens=10, temperature=0,
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        assert out.choices[0].text == expected.outputs[0].text
-    deadline = time.time() + 10
-    while time.time() < deadline:  # the next heartbeat shows every block free again
-        records = instance_records(server).values()
-        if all(r["free_kv_blocks"] == r["total_kv_blocks"] for r in records):
-            break
-        time.sleep(0.2)
-    assert all(r["free_kv_blocks"] == r["total_kv_blocks"] for r in records), records
+    assert_completions_equal_offline(server, PROMPTS, max_tokens=10)
+    wait_all_blocks_free(server)
     # each replica drives one follower actor (its rank 1)
     from ray._private.state import actors  # from the GCS: the harness runs no dashboard
 
