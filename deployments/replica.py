@@ -18,6 +18,7 @@ import time
 from ray import serve
 
 from deployments.args import AppArgs
+from deployments.caller_deadlines import CallerDeadlines
 from deployments.engine_replica import (
     make_engine_loop,
     params_from,
@@ -48,6 +49,7 @@ class PDReplica:
         self.worker = self.loop.worker
         self.engine = self.worker.engine
         self._streams: dict[str, AsyncSink] = {}  # decode: reserved, stream not yet opened
+        self._deadlines = CallerDeadlines(self.args.request_timeout_s, self._abort_late)
         self._key = record_key(self.args.app_name, self.replica_id)
         self._stop = threading.Event()
         kv = getattr(self.worker, "sender", None) or getattr(self.worker, "receiver", None)
@@ -55,18 +57,25 @@ class PDReplica:
             self.role.value, self.replica_id, getattr(kv, "metrics", None)
         )
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="pdray-heartbeat").start()
+        threading.Thread(
+            target=self._deadlines.run, args=(self._stop,), daemon=True, name="pdray-reaper"
+        ).start()
 
     # -- calls from the router -------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
         self._check_target(replica_id)
         sink = AsyncSink()
-        await submit(
-            self.loop, request_id, sink,
-            lambda: self.worker.add(request_id, prompt, params_from(params)),
-        )  # fmt: skip
-        async for output in self.loop.stream(request_id, sink):
-            yield output
+        self._deadlines.start(request_id)
+        try:
+            await submit(
+                self.loop, request_id, sink,
+                lambda: self.worker.add(request_id, prompt, params_from(params)),
+            )  # fmt: skip
+            async for output in self.loop.stream(request_id, sink):
+                yield output
+        finally:
+            self._deadlines.end(request_id)
 
     async def reserve(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
         """A Ticket (as JSON) for the prompt's KV, or None when the KV cache has no room now.
@@ -81,6 +90,7 @@ class PDReplica:
             await asyncio.wrap_future(self.loop.abort(request_id))  # drops the sink
             return None
         self._streams[request_id] = sink
+        self._deadlines.start(request_id)  # until `stream` ends (or the reaper aborts it)
         return ticket.model_dump(mode="json")
 
     async def stream(self, request_id: str, replica_id: str | None = None):
@@ -88,8 +98,11 @@ class PDReplica:
         sink = self._streams.pop(request_id, None)
         if sink is None:
             raise RuntimeError(f"request {request_id} is not reserved on {self.replica_id}")
-        async for output in self.loop.stream(request_id, sink):
-            yield output
+        try:
+            async for output in self.loop.stream(request_id, sink):
+                yield output
+        finally:
+            self._deadlines.end(request_id)
 
     async def prefill(
         self,
@@ -116,8 +129,12 @@ class PDReplica:
         except Exception as e:
             yield PrefillResult(request_id, None, f"{type(e).__name__}: {e}")
             return
-        async for item in self.loop.stream(request_id, sink):
-            yield item
+        self._deadlines.start(request_id)
+        try:
+            async for item in self.loop.stream(request_id, sink):
+                yield item
+        finally:
+            self._deadlines.end(request_id)
 
     async def attach(self, request_id: str, ticket: dict, replica_id: str | None = None) -> bool:
         """Prefill: the decode ticket of a request submitted with `ticket_follows`."""
@@ -130,7 +147,13 @@ class PDReplica:
     async def abort(self, request_id: str, replica_id: str | None = None) -> None:
         self._check_target(replica_id)
         self._streams.pop(request_id, None)
+        self._deadlines.end(request_id)
         await asyncio.wrap_future(self.loop.abort(request_id))
+
+    def _abort_late(self, request_id: str) -> None:
+        """The reaper's abort (its thread): the request outlived its router's deadline."""
+        self._streams.pop(request_id, None)
+        self.loop.abort(request_id)
 
     async def stats(self, replica_id: str | None = None) -> dict:
         self._check_target(replica_id)
