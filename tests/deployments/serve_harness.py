@@ -90,6 +90,11 @@ def run_app(
         if proc is not None:
             _stop(proc)
         ray.shutdown()
+        # serve.get_deployment_handle caches the Serve client of this Ray instance; the next
+        # module's app runs in a new instance, whose controller the cached client cannot reach
+        from ray.serve import context as serve_context
+
+        serve_context._set_global_client(None)
         redis_server.stop()
 
 
