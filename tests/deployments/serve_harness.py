@@ -5,6 +5,8 @@ reads that endpoint and the replicas' Redis records."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import signal
@@ -216,28 +218,75 @@ async def stream_text(aclient, model: str, prompt: list[int], max_tokens: int, o
         return StreamFailed(text, e)
 
 
-def assert_completions_equal_offline(server, prompts, max_tokens: int) -> list:
-    """Greedy completions over HTTP equal the offline engine's; the offline outputs."""
-    from pdray import LLM, SamplingParams
+@functools.cache
+def _offline_llm(model: str):
+    from pdray import LLM
 
-    client, model = server["client"], server["model"]
+    return LLM(model, device="cpu", dtype="float32")
+
+
+def offline(model: str, prompts, params) -> list:
+    """The offline engine's CompletionOutput per prompt (one engine per model, kept)."""
+    outputs = _offline_llm(model).generate(prompts, params, use_tqdm=False)
+    return [o.outputs[0] for o in outputs]
+
+
+def offline_texts(model: str, prompts, max_tokens: int) -> list[str]:
+    """The offline engine's greedy texts (ignore_eos) per prompt."""
+    from pdray import SamplingParams
+
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    want = LLM(model, device="cpu", dtype="float32").generate(prompts, params, use_tqdm=False)
+    return [o.text for o in offline(model, prompts, params)]
+
+
+def assert_completions_equal_offline(server, prompts, max_tokens: int) -> list[str]:
+    """Greedy completions over HTTP equal the offline engine's; the offline texts."""
+    client, model = server["client"], server["model"]
+    want = offline_texts(model, prompts, max_tokens)
     for prompt, expected in zip(prompts, want, strict=True):
         out = client.completions.create(
             model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
             extra_body={"ignore_eos": True},
         )  # fmt: skip
-        assert out.choices[0].text == expected.outputs[0].text
+        assert out.choices[0].text == expected
     return want
 
 
-def wait_all_blocks_free(server, timeout_s: float = 10.0) -> None:
-    """Until the heartbeats show every KV block free on every instance, else fail."""
+def wait_all_blocks_free(server, timeout_s: float = 10.0, replicas=frozenset()) -> None:
+    """Until the heartbeats show every KV block free on every instance, and the records of
+    `replicas` are all present (a record that expired says nothing), else fail."""
     deadline = time.time() + timeout_s
     while True:
         records = instance_records(server)
-        if all(r["free_kv_blocks"] == r["total_kv_blocks"] for r in records.values()):
+        free = {
+            i: (r["role"], r["free_kv_blocks"], r["total_kv_blocks"]) for i, r in records.items()
+        }
+        missing = set(replicas) - set(records)
+        if not missing and all(f == t for _, f, t in free.values()):
             return
-        assert time.time() < deadline, f"blocks still taken after {timeout_s} s: {records}"
+        assert time.time() < deadline, (
+            f"KV blocks still taken after {timeout_s} s: {free}; no record of {missing}"
+        )
         time.sleep(0.2)
+
+
+def replica_actor(name_part: str):
+    """The actor of the Serve replica whose actor name contains `name_part` (`#<replica id>`,
+    or `#Router#`), and its name."""
+    names = ray.util.list_named_actors(all_namespaces=True)
+    named = [a for a in names if name_part in a["name"]]
+    assert len(named) == 1, (name_part, names)
+    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"]), named[0]["name"]
+
+
+async def kill_and_wait_dead(actor) -> None:
+    """Kill the actor for good (Serve starts a new replica) and return once calls to it fail."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await asyncio.wait_for(actor.__ray_ready__.remote(), 5)
+        except Exception:
+            return
+        assert time.monotonic() < deadline, "the killed actor still answers after 30 s"
+        await asyncio.sleep(0.05)

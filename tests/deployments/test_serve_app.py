@@ -5,7 +5,6 @@ Prometheus endpoint; then a decode replica killed mid-run."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 
 import pytest
@@ -22,12 +21,16 @@ from serve_harness import (  # noqa: E402
     StreamFailed,
     async_client,
     instance_records,
+    kill_and_wait_dead,
+    offline,
+    replica_actor,
     run_app,
     settled_scrape,
     stream_text,
+    wait_all_blocks_free,
 )
 
-from pdray import LLM, SamplingParams  # noqa: E402
+from pdray import SamplingParams  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36]]
 TTFT_COUNT = "ray_pdray_time_to_first_token_seconds_count"
@@ -41,16 +44,6 @@ SNAPSHOT_REFRESH_S = 1.0  # the router re-reads Redis every TTL / 4 (the harness
 def server(checkpoint, tmp_path_factory):
     path = checkpoint("llama3", max_position_embeddings=MAX_MODEL_LEN)
     yield from run_app(path, tmp_path_factory.mktemp("serve"))
-
-
-@functools.cache
-def _offline_llm(model: str) -> LLM:
-    return LLM(model, device="cpu", dtype="float32")
-
-
-def offline(model: str, prompts, params: SamplingParams):
-    outputs = _offline_llm(model).generate(prompts, params, use_tqdm=False)
-    return [o.outputs[0] for o in outputs]
 
 
 def test_greedy_completions_equal_offline_engine(server):
@@ -255,14 +248,8 @@ def test_decode_replica_killed_mid_run(server):
             assert time.monotonic() < deadline, "no decode replica waits for KV"
             waiting = {d: s["waiting_requests"] for d, s in (await stats()).items()}
             victim = next((d for d, n in waiting.items() if n >= 2), None)
-        actor = _replica_actor(victim)
-        ray.kill(actor, no_restart=True)
-        while True:  # until calls to it fail
-            try:
-                await asyncio.wait_for(actor.__ray_ready__.remote(), 5)
-                await asyncio.sleep(0.01)
-            except Exception:
-                break
+        actor, _ = replica_actor(f"#{victim}")
+        await kill_and_wait_dead(actor)
         dead_s = time.monotonic()
         stop_reading_s["long"] = dead_s + 2.0  # the survivor's streams need not run to the end
         return victim, dead_s, await asyncio.gather(*longs), await asyncio.gather(*shorts)
@@ -305,18 +292,4 @@ def test_decode_replica_killed_mid_run(server):
     )
 
     # every KV block taken during all this is free again on the replicas still serving
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        records = instance_records(server)
-        if all(r["free_kv_blocks"] == r["total_kv_blocks"] for r in records.values()):
-            break
-        time.sleep(0.5)
-    assert {i: r["free_kv_blocks"] for i, r in records.items()} == {
-        i: r["total_kv_blocks"] for i, r in records.items()
-    }
-
-
-def _replica_actor(replica_id: str):
-    names = ray.util.list_named_actors(all_namespaces=True)
-    named = next(a for a in names if a["name"].endswith(f"#{replica_id}"))
-    return ray.get_actor(named["name"], namespace=named["namespace"])
+    wait_all_blocks_free(server, 10)
