@@ -1,0 +1,1 @@
+"""Weight quantization: the int4 format and its reference (`int4`)."""
