@@ -9,7 +9,10 @@ Failures: a call that fails before the request's first token (the instance died,
 or refused) marks that instance down (its record is deleted; it is not picked again until it
 heartbeats after a TTL), aborts the attempt on the others, and tries another pair, up to
 max_attempts. Once tokens have been streamed, a failure ends the request with an error naming
-the instance (nothing is streamed twice).
+the instance (nothing is streamed twice). An instance that ends a stream with finish reason
+"abort" the router did not send (the engine dropped the request) is not a finished request: decode
+or mixed doing so fails the attempt (retried like a failure, the instance not marked down);
+prefill doing so leaves the request to decode. Only a client that left ends quietly on an abort.
 
 A full decode instance (no free KV blocks for the prompt, by its record or by its answer to
 `reserve`) is healthy: the request tries another one. While nothing can take the request (every
@@ -50,7 +53,7 @@ from deployments.metrics import (
 )
 from deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
 from pdray.config import Role
-from pdray.disagg.client_stream import SentTokens, pd_outputs
+from pdray.disagg.client_stream import AttemptAborted, SentTokens, ended_by_abort, pd_outputs
 from pdray.engine.role_worker import FailureKind, HandoffFailed, PrefillResult
 from pdray.entrypoints.openai.api import build_openai_app
 from pdray.entrypoints.openai.protocol import NoCapacityError
@@ -84,6 +87,7 @@ class PDBackend:
         # request id -> (id of its current attempt on the instances, [(role, instance id)])
         self._placed: dict[str, tuple[str, list[tuple[Role, str]]]] = {}
         self._background: set[asyncio.Task] = set()
+        self._leaving: set[str] = set()  # requests whose client left (`abort`): ends are quiet
 
     def tokenizer(self) -> Any:
         return self._tokenizer
@@ -141,6 +145,7 @@ class PDBackend:
             status = RequestStatus.ERROR
             raise
         finally:
+            self._leaving.discard(request_id)
             trace.record(status)
 
     async def _attempts(self, request_id, prompt, params, trace: RequestTrace):
@@ -163,6 +168,8 @@ class PDBackend:
                 ):
                     yield output
                 return
+            except _ClientLeft:
+                return
             except _HandoffFailed as e:  # decode is healthy; its policy says retry or fail
                 record_routing(Role.DECODE.value, e.instance_id, RoutingOutcome.FAILED)
                 failures += 1
@@ -175,6 +182,19 @@ class PDBackend:
                 if failures >= self.args.max_attempts:
                     break
                 logger.warning("request %s: %s; trying another pair", request_id, last_error)
+            except _AttemptAborted as e:  # the instance lives: prefer another one, no mark-down
+                record_routing(e.role.value, e.instance_id, RoutingOutcome.FAILED)
+                failures += 1
+                full.add(e.instance_id)
+                last_error = str(e)
+                if sent.most > 1:
+                    raise RuntimeError(
+                        f"request {request_id}: {e} after streaming {sent.most} token(s), "
+                        "which cannot be resumed"
+                    ) from None
+                if failures >= self.args.max_attempts:
+                    break
+                logger.warning("request %s: %s; trying another pair", request_id, e)
             except _InstanceFull as e:
                 record_routing(Role.DECODE.value, e.instance_id, RoutingOutcome.FULL)
                 full.add(e.instance_id)
@@ -269,6 +289,8 @@ class PDBackend:
                 attempt_id, prompt, params.to_dict(), replica_id=mixed.instance_id
             )
             async for output in _guard(gen, mixed):
+                if ended_by_abort(output):
+                    self._aborted_by(mixed, request_id)
                 if sent.admit(output):
                     yield output
             return
@@ -309,11 +331,23 @@ class PDBackend:
             .options(stream=True)
             .stream.remote(attempt_id, replica_id=decode.instance_id)
         )
-        async for output in pd_outputs(
+        outputs = pd_outputs(
             _cancelling(prefill_items), _guard(decode_outputs, decode), params, sent,
             functools.partial(_log_prefill_end, attempt_id), trace.observe,
-        ):  # fmt: skip
-            yield output
+        )  # fmt: skip
+        try:
+            async for output in outputs:
+                yield output
+        except AttemptAborted:
+            self._aborted_by(decode, request_id)
+            raise
+
+    def _aborted_by(self, instance: InstanceRecord, request_id: str) -> None:
+        """An instance ended the attempt with an abort: quietly if the client left (the router's
+        own `abort`), else the attempt failed (an engine's abort is never a finished request)."""
+        if request_id in self._leaving:
+            raise _ClientLeft()
+        raise _AttemptAborted(instance)
 
     async def _attach(self, prefill: InstanceRecord, attempt_id: str, ticket: dict) -> None:
         """Hand decode's ticket to the prefill instance already computing the prompt; if that
@@ -349,6 +383,8 @@ class PDBackend:
         task.add_done_callback(self._background.discard)
 
     async def abort(self, request_id: str) -> None:
+        if request_id in self._placed:  # in flight (generate's end forgets it again)
+            self._leaving.add(request_id)
         await self._cleanup(request_id)
 
 
@@ -381,6 +417,20 @@ class _HandoffFailed(Exception):
     def __init__(self, instance: InstanceRecord, failure: HandoffFailed):
         super().__init__(str(failure))
         self.instance_id, self.failure = instance.instance_id, failure
+
+
+class _AttemptAborted(Exception):
+    """An instance ended an attempt with finish reason "abort" that the router did not ask for."""
+
+    def __init__(self, instance: InstanceRecord):
+        super().__init__(
+            f"{instance.role.value} instance {instance.instance_id} aborted the request"
+        )
+        self.instance_id, self.role = instance.instance_id, instance.role
+
+
+class _ClientLeft(Exception):
+    """The attempt ended with the abort the router sent for a client that left."""
 
 
 class _InstanceFailed(RuntimeError):

@@ -13,7 +13,10 @@ Prompt logprobs (SamplingParams.prompt_logprobs) come only in prefill's first-to
 never computes them): `SentTokens` passes that output on even if decode's first output overtook
 it, once, and puts them on every later output, as a mixed engine's outputs all carry them.
 A prefill error never ends the attempt: decode's failure policy (lease, recompute, retry, fail)
-decides; it is reported through `on_prefill_end`.
+decides; it is reported through `on_prefill_end`. Nor does a prefill output that an abort ended
+(finish reason "abort": the prefill engine dropped the request): decode still continues it. An
+abort that ends decode's stream raises `AttemptAborted`: the caller knows whether it asked for it
+(a client that left) or not (then the attempt failed; it never looks like a finished request).
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ from pdray.sampling_params import SamplingParams
 
 class StreamDiverged(RuntimeError):
     """An output contradicts tokens the client already has."""
+
+
+class AttemptAborted(RuntimeError):
+    """The decode (or mixed) instance ended the attempt with finish reason "abort"."""
+
+
+def ended_by_abort(output: RequestOutput) -> bool:
+    """An engine's output that ends a request it aborted (EngineLoop's answer to `abort`)."""
+    return output.finished and any(c.finish_reason == "abort" for c in output.outputs)
 
 
 class SentTokens:
@@ -117,11 +129,15 @@ async def pd_outputs(
                     return
                 if isinstance(item, Exception):
                     raise item
+                if ended_by_abort(item):
+                    raise AttemptAborted(f"decode aborted {item.request_id}")
                 if sent.admit(item):
                     yield item
                     if item.finished:
                         return
             elif isinstance(item, RequestOutput):
+                if ended_by_abort(item):
+                    continue  # prefill dropped it; decode's lease and policy decide
                 if completes_request(item, params):
                     item.finished = True
                 if sent.admit(item):

@@ -78,6 +78,8 @@ class FakeInstances:
         self.hold_decode: asyncio.Event | None = None  # decode streams once it is set
         self.attached: list[str] = []
         self.aborted: list[tuple[str, str]] = []  # (instance, attempt id) of each abort call
+        self.abort_own: set[str] = set()  # decode instances that end streams with their own abort
+        self.prefill_aborts = False  # prefill ends its stream with an abort after the first token
 
     def options(self, **_):
         return self
@@ -99,6 +101,9 @@ class FakeInstances:
             ticket is None
         ) == ticket_follows  # the ticket comes with the call or through attach
         yield _out(request_id, [7], None)
+        if self.prefill_aborts:  # EngineLoop's answer to an abort: the output so far, ended
+            yield _out(request_id, [7], "abort")
+            return
         yield PrefillResult(request_id, None)
 
     async def _stream(self, replica_id, request_id):
@@ -108,6 +113,9 @@ class FakeInstances:
         if self.hold_decode is not None:
             await self.hold_decode.wait()
         yield _out(request_id, [first], None)  # admission: the first token again
+        if replica_id in self.abort_own or (replica_id, request_id) in self.aborted:
+            yield _out(request_id, [first], "abort")
+            return
         yield _out(request_id, [first, 8], "length")
 
     async def _attach(self, replica_id, request_id, ticket):
@@ -116,6 +124,8 @@ class FakeInstances:
 
     async def _abort(self, replica_id, request_id):
         self.aborted.append((replica_id, request_id))
+        if self.hold_decode is not None:
+            self.hold_decode.set()
 
 
 def _out(request_id: str, tokens: list[int], reason: str | None) -> RequestOutput:
@@ -383,6 +393,71 @@ def test_decode_dying_mid_stream_aborts_the_attempt_on_prefill_and_retries(check
         assert len({a for _, a in prefill.aborted}) == 2  # two attempts, two ids
         assert "d0" not in {i for i, _ in decode.aborted}  # the dead one is not called
         assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d1"}
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_an_abort_the_router_did_not_send_is_a_failed_attempt_not_a_finished_request(
+    checkpoint, redis_url, routing
+):
+    """Decode d0 ends its stream with finish reason "abort" after only the first token (an engine
+    that dropped the request): never a 200 with one token; d1 serves it, d0 is not marked down.
+    With no other instance, the request ends with an error."""
+
+    async def main():
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5, "d1": 5}, app_name="own-abort", max_attempts=2
+        )
+        backend.snapshot.picker = _in_order()
+        backend._handles[Role.DECODE].abort_own = {"d0"}
+        outputs = await _generate(backend, max_tokens=2)
+        assert (
+            _tokens(outputs) == [[7], [7, 8]] and outputs[-1].outputs[0].finish_reason == "length"
+        )
+        assert ("d0", "failed") in routing
+        assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d0", "d1"}
+
+        backend._handles[Role.DECODE].abort_own = {"d0", "d1"}
+        with pytest.raises(NoCapacityError, match="aborted the request"):
+            await _generate(backend, "r2", max_tokens=2)
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_prefill_ending_its_stream_with_an_abort_leaves_the_request_to_decode(
+    checkpoint, redis_url
+):
+    """The prefill engine drops the request after sending the first token (its stream ends with
+    an "abort" output): decode still streams the rest; the client gets every token once."""
+
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="prefill-abort")
+        backend._handles[Role.PREFILL].prefill_aborts = True
+        outputs = await _generate(backend, max_tokens=2)
+        assert _tokens(outputs) == [[7], [7, 8]] and outputs[-1].finished
+        assert all(o.outputs[0].finish_reason != "abort" for o in outputs)
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_ends_quietly_without_a_retry(checkpoint, redis_url):
+    async def main():
+        backend = await _backend(
+            checkpoint, redis_url, {"d0": 5, "d1": 5}, app_name="leave", max_attempts=2
+        )
+        decode = backend._handles[Role.DECODE]
+        decode.hold_decode = asyncio.Event()
+        stream = backend.generate("r", [1, 2], SamplingParams(max_tokens=2))
+        first = await asyncio.wait_for(anext(stream), 5)
+        assert first.outputs[0].token_ids == [7]
+        await backend.abort("r")  # what the HTTP layer does when the client disconnects
+        rest = [o async for o in stream]  # ends without an error
+        assert all(o.outputs[0].finish_reason != "length" for o in rest)
+        assert len(decode.reserved) == 1  # no second attempt
+        assert not backend._leaving
         await backend.snapshot.stop()
 
     asyncio.run(main())
