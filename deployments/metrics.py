@@ -41,6 +41,7 @@ class RequestStatus(str, enum.Enum):
     ABORTED = "aborted"  # the client left (or the HTTP layer closed the stream) before the end
     INVALID = "invalid"  # a bad request the engine refused (HTTP 400)
     NO_CAPACITY = "no_capacity"  # no instance could take it (HTTP 503)
+    TIMEOUT = "timeout"  # request_timeout_s ran out; aborted on its instances (HTTP 504)
     ERROR = "error"  # an instance failed, e.g. died after streaming tokens (HTTP 500)
 
 

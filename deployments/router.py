@@ -59,7 +59,7 @@ from pdray.entrypoints.openai.api import build_openai_app
 from pdray.entrypoints.openai.protocol import NoCapacityError
 from pdray.models.loader import load_model_config
 from pdray.outputs import RequestOutput
-from pdray.router.deadline import until_deadline
+from pdray.router.deadline import RequestTimeoutError, until_deadline
 from pdray.router.policy import InstancePicker, PolicyConfig, RouterSnapshot
 from pdray.router.store import InstanceRecord, InstanceStore
 from pdray.sampling_params import SamplingParams
@@ -137,6 +137,9 @@ class PDBackend:
                     yield output
         except NoCapacityError:
             status = RequestStatus.NO_CAPACITY
+            raise
+        except RequestTimeoutError:
+            status = RequestStatus.TIMEOUT
             raise
         except ValueError:
             status = RequestStatus.INVALID

@@ -29,6 +29,7 @@ from pdray.router.store import InstanceRecord, InstanceStore  # noqa: E402
 from pdray.sampling_params import SamplingParams  # noqa: E402
 
 TTL_S = 5.0
+STATUSES: list[str] = []  # the `requests` metric's status of each request that ended
 
 
 class _Method:
@@ -177,8 +178,10 @@ def redis_url():
 
 @pytest.fixture(autouse=True)
 def routing(monkeypatch) -> list[tuple[str, str]]:
-    """(replica, outcome) of each routing decision; other metrics are dropped."""
+    """(replica, outcome) of each routing decision; each ended request's status goes to
+    STATUSES; other metrics are dropped."""
     decisions = []
+    STATUSES.clear()
 
     class Metric:
         def __init__(self, name):
@@ -187,6 +190,8 @@ def routing(monkeypatch) -> list[tuple[str, str]]:
         def inc(self, value=1, tags=None):
             if self.name == "routing":
                 decisions.append((tags["replica"], tags["outcome"]))
+            elif self.name == "requests":
+                STATUSES.append(tags["status"])
 
         set = observe = inc
 
@@ -458,6 +463,7 @@ def test_a_client_that_leaves_ends_quietly_without_a_retry(checkpoint, redis_url
         assert all(o.outputs[0].finish_reason != "length" for o in rest)
         assert len(decode.reserved) == 1  # no second attempt
         assert not backend._leaving
+        assert STATUSES == ["aborted"]
         await backend.snapshot.stop()
 
     asyncio.run(main())
@@ -538,6 +544,7 @@ def test_request_timeout_ends_the_request_and_aborts_it_on_both_instances(checkp
                 sent.append(output.outputs[0].token_ids)
         assert 0.5 <= clock() - start < 3
         assert sent == [[7]]  # the first token (from prefill), then nothing
+        assert STATUSES == ["timeout"]
         prefill = backend._handles[Role.PREFILL]
         assert decode.aborted == [("d0", "r")] and prefill.aborted == [("p0", "r")]
         assert backend._placed == {}
