@@ -50,7 +50,7 @@ def test_tp_size_must_divide_heads(checkpoint):
 def test_followers_are_actors_in_the_replicas_placement_group(checkpoint):
     """Under Ray (as in a Serve replica with placement_group_bundles), rank 0 is the caller in
     bundle 0 and each other rank a Ray actor in its own bundle."""
-    ray = pytest.importorskip("ray")
+    import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -21,12 +21,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import ray
 import redis
 import yaml
 
 from pdray.router.redis_server import free_port
 
-ray = pytest.importorskip("ray")
 pytest.importorskip("ucxx")
 
 pytestmark = [

@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import openai
 import pytest
+import redis
+from ray import serve
 
-openai = pytest.importorskip("openai")
-redis = pytest.importorskip("redis")
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 pytest.importorskip("ucxx")
-pytest.importorskip("prometheus_client")
-
+import prometheus_client  # noqa: F401 (a dependency the tests need: missing fails)
 from serve_harness import (  # noqa: E402
     MAX_MODEL_LEN,
     StreamFailed,

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
+import openai
 import pytest
+import redis  # noqa: F401 (a dependency the tests need: missing fails)
+from ray import serve
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-pytest.importorskip("redis")
 pytest.importorskip("ucxx")
-pytest.importorskip("prometheus_client")
-
+import prometheus_client  # noqa: F401 (a dependency the tests need: missing fails)
 from serve_harness import (  # noqa: E402
     MAX_MODEL_LEN,
     StreamFailed,

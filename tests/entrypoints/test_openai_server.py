@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import openai
 import pytest
+import uvicorn  # noqa: F401 (a dependency the tests need: missing fails)
 from serving_utils import MESSAGES, MODEL, SpyBackend, serve, wait_idle, wait_until
 
 from pdray import LLM, SamplingParams
 from pdray.entrypoints.openai.api import build_openai_app
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("uvicorn")
 
 pytestmark = pytest.mark.anyio
 API_KEY = "test-key"
