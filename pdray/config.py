@@ -16,6 +16,16 @@ class Role(str, enum.Enum):
     DECODE = "decode"  # admits requests whose KV arrives from a prefill engine
 
 
+class Quantization(str, enum.Enum):
+    """How the linear layers hold their weights (embeddings and the LM head stay full precision).
+
+    None (the default) keeps the checkpoint's precision, except that an AWQ or GPTQ int4
+    checkpoint is always loaded as int4.
+    """
+
+    WINT4 = "wint4"  # int4 weights with per-group scales and zeros, activations in `dtype`
+
+
 PREFILL_STEP_TOKENS = 2048
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -49,9 +59,13 @@ class EngineConfig:
     # lets ranks share one GPU (NCCL refuses that), without CUDA graphs: for tests, not speed.
     tensor_parallel_backend: str = "auto"
     enforce_eager: bool = False
+    # "wint4": full-precision checkpoints are quantized to int4 at load (round to nearest, per
+    # group of 128 input features, else 64 or 32; docs/quantization.md)
+    quantization: Quantization | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", _as_role(self.role))
+        object.__setattr__(self, "quantization", _as_quantization(self.quantization))
         if self.max_num_batched_tokens is None:
             default = PREFILL_STEP_TOKENS if self.role is Role.PREFILL else 8192
             object.__setattr__(self, "max_num_batched_tokens", default)
@@ -115,3 +129,15 @@ def _as_role(role: Role | str) -> Role:
     except ValueError:
         choices = [r.value for r in Role]
         raise ValueError(f"engine argument `role` must be one of {choices}, got {role!r}") from None
+
+
+def _as_quantization(quantization: Quantization | str | None) -> Quantization | None:
+    if quantization is None or isinstance(quantization, Quantization):
+        return quantization
+    try:
+        return Quantization(quantization)
+    except ValueError:
+        choices = [None] + [q.value for q in Quantization]
+        raise ValueError(
+            f"engine argument `quantization` must be one of {choices}, got {quantization!r}"
+        ) from None

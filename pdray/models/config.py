@@ -1,7 +1,8 @@
 """The model facts the engine needs, read from a Hugging Face config.json without transformers.
 
 Rope settings come in two spellings: `rope_theta` + `rope_scaling` (checkpoints before
-transformers 5) and `rope_parameters` (transformers 5). Both are accepted.
+transformers 5) and `rope_parameters` (transformers 5). Both are accepted. A `quantization_config`
+(AWQ or GPTQ int4) is read into `int4_checkpoint`, or refused with the reason.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pdray.quantization.spec import Int4Spec, checkpoint_int4_spec
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class ModelArch:
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    int4_checkpoint: Int4Spec | None = None  # the checkpoint holds AWQ/GPTQ int4 linear weights
 
     def layer_sliding_window(self, layer_idx: int) -> int | None:
         if self.sliding_window_layers is not None and layer_idx not in self.sliding_window_layers:
@@ -99,6 +103,7 @@ def parse_model_arch(cfg: dict, **family_flags) -> ModelArch:
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_eos_ids(cfg),
+            int4_checkpoint=checkpoint_int4_spec(cfg.get("quantization_config")),
             **family_flags,
         )
     except KeyError as e:

@@ -18,18 +18,21 @@ from pdray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, R
 from pdray.layers.norm import RMSNorm
 from pdray.layers.rotary import RotaryEmbedding
 from pdray.models.config import ModelArch
+from pdray.quantization.spec import Int4Spec
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int):
+    def __init__(self, arch: ModelArch, layer_idx: int, int4: Int4Spec | None = None):
         super().__init__()
         d = arch.head_dim
         self.qkv_proj = QKVParallelLinear(
-            arch.hidden_size, d, arch.num_heads, arch.num_kv_heads, bias=arch.qkv_bias
+            arch.hidden_size, d, arch.num_heads, arch.num_kv_heads, bias=arch.qkv_bias, int4=int4
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(arch.num_heads * d, arch.hidden_size, bias=arch.o_bias)
+        self.o_proj = RowParallelLinear(
+            arch.num_heads * d, arch.hidden_size, bias=arch.o_bias, int4=int4
+        )
         self.q_norm = RMSNorm(d, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(d, arch.rms_norm_eps) if arch.qk_norm else None
         self.rotary = RotaryEmbedding(
@@ -64,13 +67,13 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, int4: Int4Spec | None = None):
         super().__init__()
         size = arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            arch.hidden_size, [size, size], bias=arch.mlp_bias
+            arch.hidden_size, [size, size], bias=arch.mlp_bias, int4=int4
         )
-        self.down_proj = RowParallelLinear(size, arch.hidden_size, bias=arch.mlp_bias)
+        self.down_proj = RowParallelLinear(size, arch.hidden_size, bias=arch.mlp_bias, int4=int4)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +81,10 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int):
+    def __init__(self, arch: ModelArch, layer_idx: int, int4: Int4Spec | None = None):
         super().__init__()
-        self.self_attn = DecoderAttention(arch, layer_idx)
-        self.mlp = DecoderMLP(arch)
+        self.self_attn = DecoderAttention(arch, layer_idx, int4)
+        self.mlp = DecoderMLP(arch, int4)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -98,10 +101,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, int4: Int4Spec | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, int4) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -122,10 +125,12 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, int4: Int4Spec | None = None):
+        """`int4`: the linear layers' int4 weights (pdray/quantization/spec.py); None: full
+        precision. Embeddings and the LM head stay full precision either way."""
         super().__init__()
         self.arch = arch
-        self.model = DecoderModel(arch)
+        self.model = DecoderModel(arch, int4)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

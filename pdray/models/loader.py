@@ -3,6 +3,10 @@
 Checkpoint tensors stream file by file (single safetensors, or shards listed by an index) into the
 parameters' own weight loaders, which take only this rank's slice. Every parameter must be loaded
 exactly once; anything missing, misshapen or unreadable is an error that names it.
+
+Weight-only int4 (pdray/quantization): an AWQ/GPTQ checkpoint's int4 tensors are converted to
+pdray's layout as they stream; with `quantization="wint4"` the full-precision weights (or the
+dummy ones) load as usual and each linear layer is quantized once everything is loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from pdray.config import Quantization
+from pdray.layers.linear import quantize_linear_layers
 from pdray.models.config import ModelArch, read_config_json
 from pdray.models.registry import Family, resolve_architecture
+from pdray.quantization.checkpoint import Int4CheckpointReader
+from pdray.quantization.spec import resolve_int4_spec
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +59,23 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     seed: int = 0,
+    quantization: Quantization | None = None,
 ) -> nn.Module:
+    """The model with its weights; `quantization` is the engine argument (an AWQ/GPTQ
+    checkpoint is int4 whatever it says)."""
+    int4 = resolve_int4_spec(arch.int4_checkpoint, quantization)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            module = family.model_class(arch)
+            module = family.model_class(arch, int4)
     finally:
         torch.set_default_dtype(default_dtype)
     if model.startswith(DUMMY_PREFIX):
         init_dummy_weights(module, seed)
     else:
         load_weights(module, Path(model))
+    quantize_linear_layers(module)
     return module.eval()
 
 
@@ -101,16 +114,31 @@ def iterate_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def load_weights(module: nn.Module, model_dir: Path) -> None:
     params = dict(module.named_parameters())
     packed = getattr(module, "packed_modules", {})
+    int4 = module.arch.int4_checkpoint
+    reader = Int4CheckpointReader(int4) if int4 is not None else None
     loaded: set[str] = set()
     for name, tensor in iterate_tensors(checkpoint_files(model_dir)):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
+        if reader is not None:
+            try:
+                converted = reader.convert_tensor(name, tensor)
+            except ValueError as e:
+                raise ValueError(f"{model_dir}: tensor {name!r}: {e}") from None
+            if converted is None:
+                continue
+            name, tensor = converted
         target, shard_id = _map_name(name, packed)
         param = params.get(target)
         if param is None:
             if name == "lm_head.weight" and module.arch.tie_word_embeddings:
                 continue
-            raise ValueError(f"{model_dir}: checkpoint tensor {name!r} matches no model parameter")
+            if reader is not None and name.endswith(".bias") and not tensor.any():
+                continue  # AutoGPTQ may save zero biases for layers that have none
+            raise ValueError(
+                f"{model_dir}: checkpoint tensor {name!r} matches no model parameter"
+                + _int4_hint(name, int4)
+            )
         try:
             loader = getattr(param, "weight_loader", default_weight_loader)
             loader(param, tensor.to(param.dtype), shard_id)
@@ -118,6 +146,15 @@ def load_weights(module: nn.Module, model_dir: Path) -> None:
             raise ValueError(f"{model_dir}: tensor {name!r}: {e}") from None
         loaded.add(f"{target}:{shard_id}")
     _check_complete(module, params, packed, loaded, model_dir)
+
+
+def _int4_hint(name: str, int4) -> str:
+    if int4 is None or not name.endswith(".weight"):
+        return ""
+    return (
+        f" (the {int4.source.value} checkpoint's quantization_config quantizes its linear "
+        "layers; a full-precision linear weight, from modules_to_not_convert, is not supported)"
+    )
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
