@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pdray.config import EngineConfig
+from pdray.config import EngineConfig, Quantization
 from pdray.entrypoints.openai.protocol import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES
 from pdray.kv_transfer.base import FailurePolicy
 
@@ -27,9 +27,36 @@ class RoleArgs(BaseModel):
         None, ge=0, description="GPUs per replica for Ray; default: 0.5 on GPU hosts, 0 on CPU"
     )
     num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per replica")
+    quantization: Quantization | None = Field(
+        None,
+        description="weights of this role's engines: 'wint4' quantizes a full-precision "
+        "checkpoint's linear layers to int4 at load (embeddings and LM head stay full "
+        "precision); an AWQ/GPTQ int4 checkpoint is int4 either way. Prefill and decode may "
+        "differ: they exchange the same KV",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="other pdray EngineConfig fields for this role"
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> RoleArgs:
+        named = [k for k in ("gpu_memory_utilization", "tensor_parallel_size")
+                 if k in self.engine_args]  # fmt: skip
+        if named:
+            raise ValueError(f"set {named} as keys of the role, not in its engine_args")
+        if self.quantization is not None and "quantization" in self.engine_args:
+            raise ValueError("quantization is set twice: as a key of the role and in engine_args")
+        return self
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The EngineConfig fields this role sets (model, dtype, device and role aside)."""
+        kwargs: dict[str, Any] = {
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "tensor_parallel_size": self.tensor_parallel_size,
+        }
+        if self.quantization is not None:
+            kwargs["quantization"] = self.quantization
+        return {**kwargs, **self.engine_args}
 
 
 class AppArgs(BaseModel):
@@ -107,7 +134,7 @@ class AppArgs(BaseModel):
         if self.transport not in ("auto", "ucx", "cuda_ipc"):
             raise ValueError(f"transport must be auto, ucx or cuda_ipc, got {self.transport!r}")
         for role in ("prefill", "decode", "mixed"):
-            extra = getattr(self, role).engine_args
+            extra = getattr(self, role).engine_kwargs()
             try:
                 EngineConfig(model=self.model, dtype=self.dtype, device=self.device, **extra)
             except (TypeError, ValueError) as e:

@@ -26,9 +26,7 @@ def make_engine_loop(role: Role, args, replica_id: str) -> EngineLoop:
         dtype=args.dtype,
         device=args.device,
         role=role,
-        gpu_memory_utilization=role_args.gpu_memory_utilization,
-        tensor_parallel_size=role_args.tensor_parallel_size,
-        **role_args.engine_args,
+        **role_args.engine_kwargs(),
     )
     engine = LLMEngine(config)
     inbox = Inbox()

@@ -1,6 +1,10 @@
 """Engine benchmark: decode and prefill times as ratios to the GPU's measured limits.
 
     python -m pdray.bench.engine --model dummy:llama3-8b --out bench_engine.json
+    python -m pdray.bench.engine --model dummy:llama3-8b --quantization wint4 --no-hf
+
+`--quantization wint4` times the int4 engine: its decode bound counts the int4 codes, scales and
+zeros it reads (embeddings and LM head in full precision).
 
 In one run it measures the GPU's HBM read bandwidth and bf16 matmul rate, then times the model
 runner: decode steps at several batch sizes over a fixed context (graph replay incl. LM head +
@@ -46,7 +50,8 @@ from pdray.bench.engine_compare import run_compare
 from pdray.bench.hf_baseline import hf_decode_ms_per_token
 from pdray.bench.rank_tasks import fill_kv_cache_normal, time_all_reduces
 from pdray.bench.timing import device_median_ms, wall_median_ms
-from pdray.config import EngineConfig
+from pdray.config import EngineConfig, Quantization
+from pdray.layers.linear import LinearBase
 from pdray.worker.batch import SamplingRow, StepBatch
 from pdray.worker.cuda_graph import DecodeCudaGraphs
 from pdray.worker.model_runner import ModelRunner
@@ -95,15 +100,16 @@ def prefill_batch(prompt_len: int, block_size: int) -> StepBatch:
 
 def model_counts(runner: ModelRunner) -> dict[str, int]:
     """Bytes of weights a decode step reads, and matmul FLOPs per token (linear layers), on this
-    rank: with tensor parallel, rank 0's shard of the weights and its KV heads."""
+    rank: with tensor parallel, rank 0's shard of the weights and its KV heads. With wint4 the
+    bytes are the int4 codes, scales and zeros, the FLOPs those of the full-size matmuls."""
     read_bytes = 0
-    linear_params = 0
     for name, p in runner.model.named_parameters():
         if name.endswith("embed_tokens.weight"):
             continue  # a step reads only its tokens' rows
         read_bytes += p.numel() * p.element_size()
-        if p.dim() == 2 and "lm_head" not in name:
-            linear_params += p.numel()
+    linear_params = sum(
+        m.in_features * m.out_features for m in runner.model.modules() if isinstance(m, LinearBase)
+    )
     layer = runner.attention_layers[0]
     return {
         "weight_read_bytes": read_bytes,
@@ -410,6 +416,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
+        "--quantization",
+        choices=[q.value for q in Quantization],
+        default=None,
+        help="engine weight quantization (wint4: int4 linear layers; the bounds count their "
+        "bytes; no transformers baseline)",
+    )
+    parser.add_argument(
         "--no-fused-ops",
         action="store_true",
         help="plain-torch RMSNorm/rotary/SiLU (for comparison)",
@@ -485,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_model_len=max(args.context_len, *args.prefill_lens),
         max_num_batched_tokens=max(args.prefill_lens),
         tensor_parallel_size=tp,
+        quantization=args.quantization,
     )
     runner = ModelRunner(config)  # with tp > 1, also starts the follower ranks
     try:
@@ -513,6 +527,7 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
         "gpu": torch.cuda.get_device_name(),
         "model": args.model,
         "dtype": str(runner.dtype),
+        "quantization": config.quantization.value if config.quantization else None,
         "fused_ops": not args.no_fused_ops,
         "tensor_parallel_size": tp,
         "read_bandwidth_gbps": read_gbps,
@@ -527,6 +542,8 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
               "skipped (rank 0 would run a forward the followers do not), and the transformers "
               "baseline (it needs the whole model); counts and bounds per GPU (rank 0's shard)",
               flush=True)  # fmt: skip
+    elif config.quantization is not None:
+        print("transformers baseline skipped: it runs full-precision weights", flush=True)
     elif not args.no_hf:
         hf_ms, check = hf_decode_ms_per_token(runner, args.context_len)
         result["hf_generate_batch1_ms_per_token"] = hf_ms

@@ -29,7 +29,7 @@ class VocabParallelEmbedding(nn.Module):
         param.data[: part.shape[0]].copy_(part)
 
     def full_shards(self) -> list[tuple[object, tuple[int, ...]]]:
-        """(shard_id, shape) of the unsharded checkpoint tensor (see _Linear.full_shards)."""
+        """(shard_id, shape) of the unsharded checkpoint tensor (see LinearBase.full_shards)."""
         return [(None, (self.vocab_size, self.weight.shape[1]))]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ def _copy_into(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
     target.copy_(source)
 
 
-class _Linear(nn.Module):
+class LinearBase(nn.Module):
     """`in_features` and `out_features` are this rank's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, int4: Int4Spec | None):
@@ -90,21 +90,21 @@ def quantize_linear_layers(module: nn.Module, int4: Int4Spec | None = None) -> i
     full-precision weights go back to the device, so the KV-cache sizing that follows (the
     allocator's peak) sees the int4 weights only."""
     count = sum(
-        layer.quantize_weight(int4) for layer in module.modules() if isinstance(layer, _Linear)
+        layer.quantize_weight(int4) for layer in module.modules() if isinstance(layer, LinearBase)
     )
     if count and any(p.is_cuda for p in module.parameters()):
         torch.cuda.empty_cache()
     return count
 
 
-class ReplicatedLinear(_Linear):
+class ReplicatedLinear(LinearBase):
     def __init__(
         self, input_size: int, output_size: int, bias: bool = False, int4: Int4Spec | None = None
     ):
         super().__init__(input_size, output_size, bias, int4)
 
 
-class ColumnParallelLinear(_Linear):
+class ColumnParallelLinear(LinearBase):
     def __init__(
         self, input_size: int, output_size: int, bias: bool = False, int4: Int4Spec | None = None
     ):
@@ -186,7 +186,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         return [("q", (q_rows, features)), ("k", (kv_rows, features)), ("v", (kv_rows, features))]
 
 
-class RowParallelLinear(_Linear):
+class RowParallelLinear(LinearBase):
     def __init__(
         self, input_size: int, output_size: int, bias: bool = False, int4: Int4Spec | None = None
     ):

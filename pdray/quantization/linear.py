@@ -16,12 +16,14 @@ from torch import nn
 from pdray.quantization.int4 import Int4Weight, int4_linear_reference
 
 INT4_PARAMS = ("qweight", "scales", "zeros")  # the fields of Int4Weight
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def int4_linear(x: torch.Tensor, q: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ W.T (+ bias) for an int4 W [N, K]: the Triton kernel on CUDA
-    (kernels/int4_gemm.py, imported only there), the dequantize-then-matmul reference otherwise."""
-    if x.is_cuda:
+    """x [T, K] @ W.T (+ bias) for an int4 W [N, K]: the Triton kernel for bf16/fp16 on CUDA
+    (kernels/int4_gemm.py, imported only there), the dequantize-then-matmul reference otherwise
+    (CPU, or float32 on CUDA)."""
+    if x.is_cuda and x.dtype in _KERNEL_DTYPES:
         from kernels.int4_gemm import int4_linear as kernel
 
         return kernel(x, q, bias)
