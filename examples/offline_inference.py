@@ -2,6 +2,7 @@
 
 python examples/offline_inference.py                       # random-weight demo model
 python examples/offline_inference.py --model /path/to/hf   # a real local checkpoint
+python examples/offline_inference.py --quantization wint4  # int4 linear layers
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ def main() -> None:
     parser.add_argument("--model", default="dummy:tiny", help="HF directory or dummy:<preset>")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantization", choices=["wint4"], default=None)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     prompts = [
         "The capital of France is",
         "Write a haiku about GPUs:",
