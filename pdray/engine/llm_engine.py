@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pdray.config import EngineConfig, Role
 from pdray.engine.block_manager import BlockManager
+from pdray.engine.block_table_rows import BlockTableRows
 from pdray.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pdray.engine.request import PromptScores, Request, SeqOutputState
 from pdray.engine.scheduler import Scheduler, SchedulerOutput
@@ -80,6 +81,12 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_to_request: dict[str, Request] = {}
         self._finished_seq_ids: list[str] = []
+        # Each running sequence's row of the runner's persistent block tables (StepBatch).
+        self._table_rows = BlockTableRows(
+            config.max_num_seqs, -(-self.max_model_len // config.block_size)
+        )
+        # A sequence's SamplingRow while it does not change from step to step.
+        self._sampling_rows: dict[str, tuple[Sequence, SamplingRow]] = {}
         # KV transfer (prefill role) watches each step's plan: begin_step(scheduled), end_step().
         self.step_observer = None
 
@@ -247,28 +254,46 @@ class LLMEngine:
 
     def _build_batch(self, out: SchedulerOutput) -> StepBatch:
         bs = self.config.block_size
-        batch = StepBatch([], [], [], [], [], [], [], [], finished_seq_ids=self._finished_seq_ids)
-        self._finished_seq_ids = []
+        finished, self._finished_seq_ids = self._finished_seq_ids, []
+        self._table_rows.free(finished)
+        self._table_rows.free(seq.seq_id for seq in out.preempted)
+        for seq_id in finished:
+            self._sampling_rows.pop(seq_id, None)
+        batch = StepBatch([], [], [], [], [], [], [], finished_seq_ids=finished)
         now_s = time.monotonic()
         for i, item in enumerate(out.scheduled):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            if seq.num_output_tokens == 0:  # a prompt (chunk): when did it first run?
-                request = self._seq_to_request[seq.seq_id]
-                if request.scheduled_time_s is None:
-                    request.scheduled_time_s = now_s
-            end = start + item.num_new_tokens
-            self._add_prompt_logprob_row(batch, seq, start, end)
-            batch.input_ids += seq.token_ids[start:end]
-            batch.positions += range(start, end)
+            seq, start, num_new = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             table = seq.block_table
-            batch.slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            batch.query_lens.append(item.num_new_tokens)
-            batch.seq_lens.append(end)
-            batch.block_tables.append(list(table))
+            batch.table_rows.append(
+                self._table_rows.row_of(seq, batch.table_clears, batch.table_writes)
+            )
+            if num_new == 1 and start >= seq.num_prompt_tokens:  # decode: no prompt to score
+                batch.input_ids.append(seq.token_ids[start])
+                batch.positions.append(start)
+                batch.slot_mapping.append(table[start // bs] * bs + start % bs)
+            else:
+                self._add_prompt_tokens(batch, seq, start, start + num_new, now_s)
+            batch.query_lens.append(num_new)
+            batch.seq_lens.append(start + num_new)
             if item.samples:
                 batch.sample_indices.append(i)
                 batch.sampling_rows.append(self._sampling_row(seq))
         return batch
+
+    def _add_prompt_tokens(
+        self, batch: StepBatch, seq: Sequence, start: int, end: int, now_s: float
+    ) -> None:
+        """Tokens [start, end) of a sequence computing its prompt (or recomputing it)."""
+        bs = self.config.block_size
+        if seq.num_output_tokens == 0:  # a prompt (chunk): when did it first run?
+            request = self._seq_to_request[seq.seq_id]
+            if request.scheduled_time_s is None:
+                request.scheduled_time_s = now_s
+        self._add_prompt_logprob_row(batch, seq, start, end)
+        table = seq.block_table
+        batch.input_ids += seq.token_ids[start:end]
+        batch.positions += range(start, end)
+        batch.slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _add_prompt_logprob_row(self, batch: StepBatch, seq: Sequence, start: int, end: int):
         """Score the prompt positions in [start, end) whose next token is a prompt token (call
@@ -285,6 +310,9 @@ class LLMEngine:
         )  # fmt: skip
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        cached = self._sampling_rows.get(seq.seq_id)
+        if cached is not None and cached[0] is seq:
+            return cached[1]
         p = seq.sampling_params
         banned = []
         if seq.num_output_tokens < p.min_tokens:
@@ -298,6 +326,8 @@ class LLMEngine:
         if p.uses_penalties:
             row.prompt_token_ids = seq.prompt_token_ids
             row.output_token_ids = seq.output_token_ids
+        elif not banned:  # the same row every later step: keep it until the sequence ends
+            self._sampling_rows[seq.seq_id] = (seq, row)
         return row
 
     # -- per-token output processing ----------------------------------------------------------------

@@ -6,7 +6,7 @@ model runner or broadcast to the worker actors of a tensor-parallel group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(slots=True)
@@ -78,7 +78,13 @@ class StepBatch:
     """Flattened inputs of one forward over several sequences.
 
     Sequence i contributes query_lens[i] tokens (its uncomputed tokens, or a chunk of them) at the
-    end of a context of seq_lens[i] tokens, whose KV lives in block_tables[i].
+    end of a context of seq_lens[i] tokens, whose KV lives in the blocks of its block table.
+
+    A batch names those tables in one of two ways. The engine's batches use the runner's
+    persistent tables (pdray/worker/block_tables.py): `table_rows[i]` is sequence i's row there,
+    and the step first clears the rows in `table_clears`, then writes each (row, column, block id)
+    triple of `table_writes` (only what changed since the previous step). A batch built on its own
+    (benchmarks, profiling, tests) leaves those empty and carries every table in `block_tables`.
     """
 
     input_ids: list[int]
@@ -86,10 +92,13 @@ class StepBatch:
     slot_mapping: list[int]
     query_lens: list[int]
     seq_lens: list[int]
-    block_tables: list[list[int]]
     # Index into the sequences above of each row that samples, and its sampling inputs.
     sample_indices: list[int]
     sampling_rows: list[SamplingRow]
+    block_tables: list[list[int]] = field(default_factory=list)
+    table_rows: list[int] = field(default_factory=list)
+    table_clears: list[int] = field(default_factory=list)
+    table_writes: list[int] = field(default_factory=list)  # flat (row, column, block id) triples
     # Sequences that ended since the last step: the worker drops their per-sequence state.
     finished_seq_ids: list[str] = field(default_factory=list)
     # Sequences whose prompt positions this step also runs the LM head over (every rank does).
@@ -98,3 +107,8 @@ class StepBatch:
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    def for_followers(self) -> StepBatch:
+        """What the other ranks of a tensor-parallel group are sent (pickled, every step): the
+        batch without its sampling rows, since they run the LM head but only rank 0 samples."""
+        return replace(self, sampling_rows=[])

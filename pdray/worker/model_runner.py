@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import weakref
 
+import numpy as np
 import torch
 
 from pdray.attention.base import AttentionMetadata, ForwardContext, forward_context
@@ -16,6 +17,7 @@ from pdray.attention.registry import get_attention_backend
 from pdray.config import EngineConfig
 from pdray.models.loader import build_model, load_model_config
 from pdray.worker.batch import PromptLogprobs, SampledToken, SamplingRow, StepBatch, StepOutput
+from pdray.worker.block_tables import DeviceBlockTables
 from pdray.worker.parallel import bound, current
 from pdray.worker.prompt_logprobs import score_prompts
 from pdray.worker.sampler import Sampler
@@ -27,6 +29,7 @@ _CPU_KV_CACHE_BYTES = 4 * _GiB
 _NON_TORCH_BYTES = _GiB  # CUDA context, library workspaces, CUDA-graph pool: not in torch's stats
 _FREE_MARGIN_BYTES = _GiB // 2
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,6 +107,8 @@ class ModelRunner:
         )
         self.sampler = Sampler(self.device)
         self.kv_cache: torch.Tensor | None = None
+        # The running sequences' block tables, kept across steps (built with max_model_len)
+        self.block_tables: DeviceBlockTables | None = None
         self.graphs = None  # decode CUDA graphs, captured after the KV cache exists
         self.on_layer_kv_written = None  # set by KV transfer (prefill role)
 
@@ -205,12 +210,13 @@ class ModelRunner:
         return batch, num_blocks
 
     def allocate_kv_cache(self, num_blocks: int, max_model_len: int | None = None) -> None:
-        """Allocate the cache; with max_model_len, also capture decode CUDA graphs (on CUDA)."""
+        """Allocate the cache; with max_model_len, also the persistent block tables that the
+        engine's batches update, and the decode CUDA graphs (on CUDA)."""
         self._bind_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks,
                     self.config.block_size, self.kv_cache.nbytes / _GiB)  # fmt: skip
         if max_model_len is not None:
-            self._capture_graphs(max_model_len)
+            self._prepare_steps(max_model_len)
 
     def _bind_kv_cache(self, num_blocks: int | None) -> None:
         """A zeroed cache of num_blocks, bound to every attention layer (None: unbind)."""
@@ -227,9 +233,16 @@ class ModelRunner:
         for i, attn in enumerate(self.attention_layers):
             attn.kv_cache = None if self.kv_cache is None else self.kv_cache[i]
 
-    def _capture_graphs(self, max_model_len: int) -> None:
+    def _prepare_steps(self, max_model_len: int) -> None:
+        """On every rank: block tables of max_num_seqs rows that cover max_model_len tokens,
+        then the decode CUDA graphs, which read their rows."""
         if self.tp_group is not None:
-            self.tp_group.broadcast("_capture_graphs", max_model_len)
+            self.tp_group.broadcast("_prepare_steps", max_model_len)
+        max_blocks = -(-max_model_len // self.config.block_size)
+        self.block_tables = DeviceBlockTables(self.config.max_num_seqs, max_blocks, self.device)
+        self._capture_graphs(max_model_len)
+
+    def _capture_graphs(self, max_model_len: int) -> None:
         gloo_on_gpu = self.config.tensor_parallel_size > 1 and (
             self.config.tensor_parallel_backend == "gloo"  # its collectives cannot be captured
         )
@@ -254,30 +267,49 @@ class ModelRunner:
     # -- one step ------------------------------------------------------------------------------------
 
     def _metadata(self, batch: StepBatch) -> AttentionMetadata:
-        max_blocks = max(len(t) for t in batch.block_tables)
-        tables = [t + [0] * (max_blocks - len(t)) for t in batch.block_tables]
         starts = [0]
         for n in batch.query_lens:
             starts.append(starts[-1] + n)
+        max_seq_len = max(batch.seq_lens)
         return AttentionMetadata(
             slot_mapping=self._to_device(batch.slot_mapping, torch.int64),
             query_start_loc=self._to_device(starts, torch.int32),
             seq_lens=self._to_device(batch.seq_lens, torch.int32),
-            block_tables=self._to_device(tables, torch.int32),
+            block_tables=self._block_tables(batch, max_seq_len),
             query_lens_cpu=batch.query_lens,
             seq_lens_cpu=batch.seq_lens,
             max_query_len=max(batch.query_lens),
-            max_seq_len=max(batch.seq_lens),
+            max_seq_len=max_seq_len,
         )
+
+    def _block_tables(self, batch: StepBatch, max_seq_len: int) -> torch.Tensor:
+        """[S, max_blocks] int32: the batch's own tables padded with 0, or its rows of the
+        persistent tables, as many columns as the longest context covers."""
+        if not batch.table_rows:
+            max_blocks = max(len(t) for t in batch.block_tables)
+            tables = [t + [0] * (max_blocks - len(t)) for t in batch.block_tables]
+            return self._to_device(tables, torch.int32)
+        num_blocks = -(-max_seq_len // self.config.block_size)
+        return self._persistent_tables().gather(self._to_device(batch.table_rows), num_blocks)
+
+    def _persistent_tables(self) -> DeviceBlockTables:
+        if self.block_tables is None:
+            raise RuntimeError(
+                "a batch names rows of the persistent block tables, but this runner has none: "
+                "allocate_kv_cache(num_blocks, max_model_len) builds them"
+            )
+        return self.block_tables
 
     @property
     def _pin(self) -> bool:
         return self.device.type == "cuda"
 
     def _to_device(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, pin_memory=self._pin).to(
-            self.device, non_blocking=True
-        )
+        # numpy turns a list into an array several times faster than torch.tensor does
+        host = torch.from_numpy(np.asarray(values, dtype=_NUMPY_DTYPES[dtype]))
+        if self._pin:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def _eager_forward(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = self._to_device(batch.input_ids)
@@ -299,7 +331,7 @@ class ModelRunner:
         """Run one step; its sampled tokens and the scores of its prompt rows (rank 0)."""
         if self.tp_group is None:
             return self._execute(batch)
-        self.tp_group.broadcast("execute", batch)
+        self.tp_group.broadcast("execute", batch.for_followers())
         try:
             out = self._execute(batch)
         except Exception as e:  # a collective broke: name the rank that went away, if one did
@@ -311,6 +343,8 @@ class ModelRunner:
     def _execute(self, batch: StepBatch) -> StepOutput:
         if batch.finished_seq_ids:
             self.sampler.free(batch.finished_seq_ids)
+        if batch.table_clears or batch.table_writes:
+            self._persistent_tables().update(batch.table_clears, batch.table_writes)
         if not batch.input_ids:
             return StepOutput()
         scored = []
@@ -321,9 +355,11 @@ class ModelRunner:
                 and not batch.prompt_logprob_rows
                 and self.graphs.can_run(batch)
             ):
-                logits = self.graphs.run(batch)  # [S, V]: in a decode step, row i is sequence i
+                tables = self._persistent_tables() if batch.table_rows else None
+                logits = self.graphs.run(batch, tables)  # [S, V]: row i is sequence i
                 if batch.sample_indices != list(range(len(batch.query_lens))):
-                    logits = logits[self._to_device(batch.sample_indices)]
+                    index = self._to_device(batch.sample_indices)
+                    logits = logits[index]
             else:
                 hidden, rows = self._eager_forward(batch)
                 if batch.prompt_logprob_rows:
