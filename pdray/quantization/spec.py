@@ -51,11 +51,14 @@ class Int4Spec:
         for size in reversed(sizes):
             if in_features % size == 0:
                 return size
-        origin = "" if self.group_size is None else f" ({self.source.value} checkpoint)"
+        if self.group_size is None:
+            groups = "wint4 quantizes groups of 128, 64 or 32 inputs"
+        else:
+            groups = f"this {self.source.value} checkpoint has groups of {self.group_size} inputs"
         raise ValueError(
-            f"{layer}: wint4 needs the input features of a linear layer on each tensor-parallel "
-            f"rank to be a multiple of {' or '.join(map(str, sizes))}{origin}; this layer holds "
-            f"{in_features} (lower tensor_parallel_size, or run without quantization)"
+            f"{layer}: {groups}, so the input features a linear layer holds on each "
+            f"tensor-parallel rank must be a multiple of {sizes[0]}; this one holds {in_features} "
+            "(with tensor parallelism, fewer ranks may fit; or run without quantization)"
         )
 
 
