@@ -1,0 +1,452 @@
+"""Weight-only int4 linear layers: out [M, N] = x [M, K] @ W.T (+ bias), W stored as `Int4Weight`.
+
+Layout (pdray/quantization/int4.py): qweight uint8 [N, K // 2] (column 2j in the low nibble of byte
+j, 2j + 1 in the high nibble), scales and zeros [N, K // g] in x's dtype, W = (code - zero) * scale,
+g in {32, 64, 128}. x [M, K] bf16/fp16, bias [N], out [M, N] in x's dtype; fp32 accumulation.
+Three paths, chosen from M alone (`Int4Path`):
+- `GEMV` (decode, M <= FMA_MAX_M): one program per (BLOCK_N rows, one row of x); the weight is
+  read as int32 words (eight codes) and decoded with the float trick: OR-ing nibble i of a word,
+  left in place, into the mantissa of 2^23 gives 2^23 + code * 16^(i % 4) exactly, so a code
+  costs a logic op, a subtraction and a multiply-add (x pre-scaled by 16^-(i % 4)); per group
+  the sum is scaled and the zero's share (zero * sum of x) taken off.
+- `GEMM` (M up to PREFILL_MIN_M): a [BLOCK_N, group columns] tile is dequantized in registers to
+  x's dtype, rounded as `dequantize` rounds, and fed to the tensor cores (`tl.dot`) against
+  x's even and odd columns; `inline_asm` does that dequantization two codes per instruction
+  (bf16x2/f16x2 arithmetic, sm_80+).
+- `DEQUANT_MATMUL` (prefill): the weight is dequantized into a scratch [N, K] tensor in x's dtype
+  and multiplied by cuBLAS, which keeps the tensor cores busier than a fused Triton GEMM.
+GEMV and GEMM allocate only the output and never sync with the host, so they can be captured in a
+CUDA graph. Reference: `pdray.quantization.int4.int4_linear_reference`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pdray.quantization.int4 import Int4Weight
+
+FMA_MAX_M = 1  # GEMV up to here, GEMM above
+PREFILL_MIN_M = 256  # DEQUANT_MATMUL from here
+_DTYPES = (torch.bfloat16, torch.float16)
+_MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
+
+
+class Int4Path(enum.Enum):
+    GEMV = "gemv"
+    GEMM = "gemm"
+    DEQUANT_MATMUL = "dequant_matmul"
+
+
+@dataclass(frozen=True, slots=True)
+class Int4Config:
+    block_m: int  # GEMV: 1 (one row of x per program)
+    block_n: int
+    block_groups: int  # quantization groups along K per iteration
+    num_warps: int
+    num_stages: int
+    inline_asm: bool = True  # decode codes with PTX (byte permutes; bf16x2/f16x2) on CUDA
+
+
+# Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels").
+_GEMV_CONFIG = Int4Config(1, 8, 4, 4, 3)
+_GEMM_CONFIGS: dict[int, Int4Config] = {
+    16: Int4Config(16, 16, 2, 4, 4),
+    64: Int4Config(64, 32, 2, 4, 3),
+    PREFILL_MIN_M: Int4Config(64, 64, 2, 4, 3),
+}
+
+
+def choose_path(m: int) -> Int4Path:
+    if m <= FMA_MAX_M:
+        return Int4Path.GEMV
+    return Int4Path.GEMM if m < PREFILL_MIN_M else Int4Path.DEQUANT_MATMUL
+
+
+def default_config(path: Int4Path, m: int, group_size: int) -> Int4Config:
+    """Tuned block sizes for a path and M; block_groups scaled so a step covers 128+ columns."""
+    if path is Int4Path.GEMV:
+        cfg = _GEMV_CONFIG
+    else:
+        cfg = next((_GEMM_CONFIGS[lim] for lim in sorted(_GEMM_CONFIGS) if m <= lim), None)
+        cfg = cfg or _GEMM_CONFIGS[max(_GEMM_CONFIGS)]
+    groups = max(1, cfg.block_groups * 128 // group_size)
+    return Int4Config(cfg.block_m, cfg.block_n, groups, cfg.num_warps, cfg.num_stages,
+                      cfg.inline_asm)  # fmt: skip
+
+
+# -- GEMV: one row of x, codes decoded as floats -----------------------------------------------
+
+
+@triton.jit
+def _nibble_fma(words, j: tl.constexpr, zero, x, acc):
+    """acc + (code - zero) * x for nibble j (0..3) of int32 `words` [R, G, W]; zero [R, G, 1] and x
+    [G, W] float32. The nibble OR-ed in place into 2^23 is c = 2^23 + code 16^j exactly, so
+    c 16^-j - (2^23 16^-j + zero) = code - zero is one exact fused multiply-add."""
+    c = ((words & (0xF << (4 * j))) | _MAGIC).to(tl.float32, bitcast=True)
+    code_minus_zero = c * (1.0 / (1 << (4 * j))) - (zero + 8388608.0 / (1 << (4 * j)))
+    return acc + code_minus_zero * x[None, :, :]
+
+
+_UNPACK8_ASM = tl.constexpr(
+    "{\n.reg .b32 lo, hi, m;\nmov.b32 m, 0x4B000000;\n"
+    "and.b32 lo, $8, 0x0F0F0F0F;\nshr.u32 hi, $8, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
+    + "".join(
+        f"prmt.b32 ${2 * b}, lo, m, 0x744{b};\nprmt.b32 ${2 * b + 1}, hi, m, 0x744{b};\n"
+        for b in range(4)
+    )  # fmt: skip
+    + "}"
+)
+
+
+@triton.jit
+def _unpack8_asm(words):
+    """int32 words -> 8 float32 tensors 2^23 + code of nibble i, i = 0..7: nibbles masked into the
+    low bits of each byte, then one byte permute per code puts a code under the exponent of 2^23
+    (PTX prmt; CUDA only)."""
+    return tl.inline_asm_elementwise(
+        _UNPACK8_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+        dtype=(tl.float32,) * 8, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr,  # [M, K]
+    q_ptr,  # int32 words [N, K // 8]: word w holds columns 8w..8w+7, column 8w+i in nibble i
+    s_ptr,  # [N, K // GROUP]
+    z_ptr,  # [N, K // GROUP]
+    b_ptr,  # [N]
+    out_ptr,  # [M, N]
+    N,
+    num_groups,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_om,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_G: tl.constexpr,
+    INLINE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    WPG: tl.constexpr = GROUP // 8  # words per group
+    num_rows = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    row = (tl.program_id(0) % num_rows).to(tl.int64)
+    rn = (tl.program_id(0) // num_rows) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N re-read row N - 1, never stored
+    gi = tl.arange(0, BLOCK_G)
+    wi = tl.arange(0, WPG)
+    x_row = x_ptr + row * stride_xm
+    q_rows = q_ptr + rows[:, None, None] * stride_qn
+    acc = tl.zeros([BLOCK_N, BLOCK_G, WPG], tl.float32)
+    for g0 in range(0, num_groups, BLOCK_G):
+        g = g0 + gi  # [BLOCK_G]
+        word = g[:, None] * WPG + wi[None, :]  # [BLOCK_G, WPG]
+        sz_offs = rows[:, None] * stride_sn + g[None, :]
+        if EVEN_G:
+            qw = tl.load(q_rows + word[None, :, :])
+            s = tl.load(s_ptr + sz_offs).to(tl.float32)
+            z = tl.load(z_ptr + sz_offs).to(tl.float32)
+        else:
+            gmask = g < num_groups
+            qw = tl.load(q_rows + word[None, :, :], mask=gmask[None, :, None], other=0)
+            s = tl.load(s_ptr + sz_offs, mask=gmask[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_offs, mask=gmask[None, :], other=0.0).to(tl.float32)
+        # x of the step as [group, word, nibble] (one 16-byte load per word), split per nibble
+        x_offs = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        if EVEN_G:
+            x8 = tl.load(x_row + x_offs).to(tl.float32)
+        else:
+            x8 = tl.load(x_row + x_offs, mask=gmask[:, None, None], other=0.0).to(tl.float32)
+        x_c0, x_c1 = tl.split(tl.reshape(x8, [BLOCK_G, WPG, 2, 2, 2]))  # nibble 4a + 2b + c
+        x_00, x_01 = tl.split(x_c0)
+        x_10, x_11 = tl.split(x_c1)
+        x0, x4 = tl.split(x_00)
+        x2, x6 = tl.split(x_01)
+        x1, x5 = tl.split(x_10)
+        x3, x7 = tl.split(x_11)
+        zb = z[:, :, None]
+        if INLINE_ASM:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8_asm(qw)
+            zz = zb + 8388608.0
+            cx = (c0 - zz) * x0[None, :, :]
+            cx += (c1 - zz) * x1[None, :, :]
+            cx += (c2 - zz) * x2[None, :, :]
+            cx += (c3 - zz) * x3[None, :, :]
+            cx += (c4 - zz) * x4[None, :, :]
+            cx += (c5 - zz) * x5[None, :, :]
+            cx += (c6 - zz) * x6[None, :, :]
+            cx += (c7 - zz) * x7[None, :, :]
+        else:
+            qh = qw >> 16  # nibbles 4..7 moved to 0..3 (the sign bits are masked off)
+            cx = _nibble_fma(qw, 0, zb, x0, tl.zeros([BLOCK_N, BLOCK_G, WPG], tl.float32))
+            cx = _nibble_fma(qw, 1, zb, x1, cx)
+            cx = _nibble_fma(qw, 2, zb, x2, cx)
+            cx = _nibble_fma(qw, 3, zb, x3, cx)
+            cx = _nibble_fma(qh, 0, zb, x4, cx)
+            cx = _nibble_fma(qh, 1, zb, x5, cx)
+            cx = _nibble_fma(qh, 2, zb, x6, cx)
+            cx = _nibble_fma(qh, 3, zb, x7, cx)
+        acc += s[:, :, None] * cx  # per word; reduced over K once, after the loop
+    acc2 = tl.sum(acc, 2)
+    out = tl.sum(acc2, 1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+# -- GEMM: tiles dequantized to x's dtype, tensor cores ----------------------------------------
+
+
+def _dequant_asm_source(magic: str, one: str, op: str) -> str:
+    """PTX for `_dequant_asm`: $4 = four code bytes, $5/$6 = -(magic + zero) and $7/$8 = scale
+    as two packed pairs each; $0/$1 = the four low nibbles, $2/$3 = the four high nibbles."""
+    lines = [
+        "{",
+        ".reg .b32 a, b, h, one, nz, zero;",
+        f"mov.b32 one, {one};",
+        "mov.b32 nz, 0x80008000;",
+        "mov.b32 zero, 0;",
+        "prmt.b32 a, $4, zero, 0x4140;",  # bytes 0 and 1 in the low byte of each half
+        "prmt.b32 b, $4, zero, 0x4342;",  # bytes 2 and 3
+    ]
+    for shift, out_regs in ((False, ("$0", "$1")), (True, ("$2", "$3"))):
+        if shift:
+            lines += ["shr.b32 a, a, 4;", "shr.b32 b, b, 4;"]
+        for src, neg_zero, scale, out in (("a", "$5", "$7", out_regs[0]),
+                                          ("b", "$6", "$8", out_regs[1])):  # fmt: skip
+            lines += [
+                f"lop3.b32 h, {src}, 0x000F000F, {magic}, 0xEA;",  # (src & 0xF) | magic
+                f"{op} h, h, one, {neg_zero};",  # magic + code - (magic + zero): exact
+                f"{op} {out}, h, {scale}, nz;",  # * scale, rounded once
+            ]
+    return "\n".join([*lines, "}"])
+
+
+# (PTX, the float its magic number stands for) per activation dtype
+_ASM = {
+    torch.bfloat16: (_dequant_asm_source("0x43004300", "0x3F803F80", "fma.rn.bf16x2"), 128.0),
+    torch.float16: (_dequant_asm_source("0x64006400", "0x3C003C00", "fma.rn.f16x2"), 1024.0),
+}
+
+
+@triton.jit
+def _dequant_asm(qb, neg_zero, scale, ASM: tl.constexpr):
+    """Low and high nibbles of uint8 codes -> (code - zero) * scale in scale's dtype, two codes per
+    bf16x2/f16x2 instruction (`ASM`: _ASM_BF16 or _ASM_F16): the code OR-ed into the mantissa of
+    128 (bf16) or 1024 (f16), minus that + zero (exact), times scale (rounded once, as
+    `dequantize` rounds). neg_zero = -(128 or 1024 + zero) and scale in scale's dtype, all three
+    of one shape."""
+    return tl.inline_asm_elementwise(
+        ASM, "=r,=r,=r,=r,r,r,r,r,r", [qb, neg_zero, scale],
+        dtype=(scale.dtype, scale.dtype), is_pure=True, pack=4,
+    )  # fmt: skip
+
+
+@triton.jit
+def _int4_gemm_kernel(
+    x_ptr,  # [M, K]
+    q_ptr,  # uint8 [N, K // 2]
+    s_ptr,  # [N, K // GROUP]
+    z_ptr,  # [N, K // GROUP]
+    b_ptr,  # [N]
+    out_ptr,  # [M, N]
+    M,
+    N,
+    num_groups,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_om,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_G: tl.constexpr,
+    INLINE_ASM: tl.constexpr,
+    ASM: tl.constexpr,  # the PTX of _dequant_asm for x's dtype
+    ASM_MAGIC: tl.constexpr,  # 128.0 (bf16) or 1024.0 (fp16)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    GB: tl.constexpr = GROUP // 2  # bytes per group
+    BLOCK_KB: tl.constexpr = BLOCK_G * GB  # bytes (column pairs) per step
+    num_m_tiles = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)  # M tiles of one N tile run together: its weight tile is read once
+    rm = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid // num_m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N or M re-read the last; never stored
+    x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_xm
+    gi = tl.arange(0, BLOCK_G)
+    bi = tl.arange(0, GB)
+    q_rows = q_ptr + rows[:, None, None] * stride_qn
+    dtype = out_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g0 in range(0, num_groups, BLOCK_G):
+        g = g0 + gi
+        byte = g[:, None] * GB + bi[None, :]  # [BLOCK_G, GB]
+        sz_offs = rows[:, None] * stride_sn + g[None, :]
+        cols = g0 * GROUP + tl.arange(0, 2 * BLOCK_KB)  # columns of the step
+        if EVEN_G:
+            qb = tl.load(q_rows + byte[None, :, :])
+            s = tl.load(s_ptr + sz_offs)
+            z = tl.load(z_ptr + sz_offs)
+            x = tl.load(x_rows + cols[None, :])
+        else:
+            gmask = g < num_groups
+            qb = tl.load(q_rows + byte[None, :, :], mask=gmask[None, :, None], other=0)
+            s = tl.load(s_ptr + sz_offs, mask=gmask[None, :], other=0.0)
+            z = tl.load(z_ptr + sz_offs, mask=gmask[None, :], other=0.0)
+            x = tl.load(x_rows + cols[None, :], mask=cols[None, :] < num_groups * GROUP, other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_KB, 2]))
+        if INLINE_ASM:
+            neg_zero = (-(z.to(tl.float32) + ASM_MAGIC)).to(dtype)
+            shape: tl.constexpr = [BLOCK_N, BLOCK_G, GB]
+            low, high = _dequant_asm(
+                qb, tl.broadcast_to(neg_zero[:, :, None], shape),
+                tl.broadcast_to(s[:, :, None], shape), ASM,
+            )  # fmt: skip
+        else:
+            zf = z.to(tl.float32)[:, :, None] + 8388608.0
+            sf = s.to(tl.float32)[:, :, None]
+            qi = qb.to(tl.int32)
+            low = ((((qi & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - zf) * sf).to(dtype)
+            high = ((((qi >> 4) | _MAGIC).to(tl.float32, bitcast=True) - zf) * sf).to(dtype)
+        low = tl.reshape(low, [BLOCK_N, BLOCK_KB])
+        high = tl.reshape(high, [BLOCK_N, BLOCK_KB])
+        acc = tl.dot(x_even, tl.trans(low), acc)
+        acc = tl.dot(x_odd, tl.trans(high), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptrs, acc.to(dtype), mask=mask)
+
+
+# -- DEQUANT_MATMUL: dequantize into a scratch weight, then cuBLAS ----------------------------
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr, s_ptr, z_ptr, w_ptr, N, num_groups, stride_qn, stride_sn, stride_wn,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    GB: tl.constexpr = GROUP // 2
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    bi = tl.arange(0, GB)
+    mask = (rn < N)[:, None] & (g < num_groups)[None, :]
+    rows = rn.to(tl.int64)
+    qb = tl.load(q_ptr + rows[:, None, None] * stride_qn + (g[:, None] * GB + bi[None, :])[None],
+                 mask=mask[:, :, None], other=0)  # fmt: skip
+    sz_offs = rows[:, None] * stride_sn + g[None, :]
+    zf = tl.load(z_ptr + sz_offs, mask=mask, other=0.0).to(tl.float32)[:, :, None]
+    sf = tl.load(s_ptr + sz_offs, mask=mask, other=0.0).to(tl.float32)[:, :, None]
+    qi = qb.to(tl.int32)
+    dtype = w_ptr.dtype.element_ty
+    low = (((qi & 0xF).to(tl.float32) - zf) * sf).to(dtype)
+    high = (((qi >> 4).to(tl.float32) - zf) * sf).to(dtype)
+    w = tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_G * GROUP])  # columns in order
+    cols = tl.reshape((g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]), [BLOCK_G * GROUP])
+    cmask = tl.reshape(
+        tl.broadcast_to(mask[:, :, None], [BLOCK_N, BLOCK_G, GROUP]), [BLOCK_N, BLOCK_G * GROUP]
+    )
+    tl.store(w_ptr + rows[:, None] * stride_wn + cols[None, :], w, mask=cmask)
+
+
+def dequantize(q: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype`, as `pdray.quantization.int4.dequantize` computes it."""
+    n, g = q.qweight.shape[0], q.group_size
+    num_groups = q.scales.shape[1]
+    w = torch.empty((n, num_groups * g), dtype=dtype, device=q.qweight.device)
+    block_n, block_g = 32, max(1, 256 // g)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(num_groups, block_g))
+    _dequantize_kernel[grid](
+        q.qweight, q.scales, q.zeros, w, n, num_groups,
+        q.qweight.stride(0), q.scales.stride(0), w.stride(0),
+        GROUP=g, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=4,
+    )  # fmt: skip
+    return w
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, q: Int4Weight) -> None:
+    n, k_half = q.qweight.shape
+    if q.qweight.dtype != torch.uint8:
+        raise ValueError(f"qweight must be uint8, not {q.qweight.dtype}")
+    if x.shape[-1] != 2 * k_half:
+        raise ValueError(f"x has {x.shape[-1]} features, the int4 weight {2 * k_half}")
+    if q.group_size not in (32, 64, 128) or q.scales.shape != q.zeros.shape:
+        raise ValueError(f"group size {q.group_size} (scales {tuple(q.scales.shape)}, zeros "
+                         f"{tuple(q.zeros.shape)}): pdray's int4 kernels take 32, 64 or 128")  # fmt: skip
+    if x.dtype not in _DTYPES or q.scales.dtype != x.dtype or q.zeros.dtype != x.dtype:
+        raise ValueError(f"x, scales and zeros must share bf16 or fp16; got {x.dtype}, "
+                         f"{q.scales.dtype}, {q.zeros.dtype}")  # fmt: skip
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def int4_linear(
+    x: torch.Tensor,
+    q: Int4Weight,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    path: Int4Path | None = None,
+    config: Int4Config | None = None,
+) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias [N]) -> [..., N] in x's dtype, W = `q` dequantized; written into
+    `out` ([M, N] contiguous) if given. `path` and `config` override the choice by M."""
+    _check(x, q)
+    n, k = q.qweight.shape[0], x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = _unit_stride(x.reshape(-1, k))
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    path = path or choose_path(m)
+    if path is Int4Path.DEQUANT_MATMUL:
+        w = dequantize(q, x.dtype)
+        if bias is None:
+            torch.mm(x2, w.t(), out=out)
+        else:
+            torch.addmm(bias, x2, w.t(), out=out)
+        return out.reshape(*lead, n)
+    qweight, scales, zeros = (_unit_stride(t) for t in (q.qweight, q.scales, q.zeros))
+    group, num_groups = q.group_size, scales.shape[1]
+    cfg = config or default_config(path, m, group)
+    bias_arg = bias if bias is not None else scales
+    common = dict(GROUP=group, HAS_BIAS=bias is not None, EVEN_G=num_groups % cfg.block_groups == 0,
+                  BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_groups, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)  # fmt: skip
+    if path is Int4Path.GEMV:
+        if qweight.stride(0) % 4 or qweight.storage_offset() % 4:
+            qweight = qweight.contiguous()
+        words = qweight.view(torch.int32)
+        grid = (m * triton.cdiv(n, cfg.block_n),)
+        _int4_gemv_kernel[grid](
+            x2, words, scales, zeros, bias_arg, out, n, num_groups,
+            x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+            INLINE_ASM=cfg.inline_asm and x.is_cuda, **common,
+        )  # fmt: skip
+    else:
+        block_m = max(16, cfg.block_m)
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n),)
+        asm, asm_magic = _ASM[x.dtype]
+        _int4_gemm_kernel[grid](
+            x2, qweight, scales, zeros, bias_arg, out, m, n, num_groups,
+            x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+            INLINE_ASM=cfg.inline_asm and x.is_cuda, ASM=asm, ASM_MAGIC=asm_magic,
+            BLOCK_M=block_m, **common,
+        )  # fmt: skip
+    return out.reshape(*lead, n)
