@@ -20,16 +20,26 @@ unquantized engine's linear layers in place, one rank). docs/quantization.md has
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import random
 from dataclasses import asdict, dataclass
 
 from pdray.config import Quantization
 from pdray.entrypoints.llm import LLM
+from pdray.layers.linear import quantize_linear_layers
+from pdray.quantization.spec import Int4Source, Int4Spec
 from pdray.sampling_params import SamplingParams
 
-SCHEMES = ("asymmetric", "symmetric")
-ENGINE_SCHEME = "asymmetric"  # the scheme `quantization="wint4"` uses (pdray/quantization/spec.py)
+
+class Scheme(str, enum.Enum):
+    """Round-to-nearest int4 per group."""
+
+    ASYMMETRIC = "asymmetric"  # what quantization="wint4" runs (Int4Spec's default)
+    SYMMETRIC = "symmetric"  # measured by quantizing an unquantized engine's layers in place
+
+    def __str__(self) -> str:  # as argparse shows the choices
+        return self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,21 +109,19 @@ def compare(scheme: str, reference: list, scores: list) -> QualityFigures:
     )
 
 
-def _engine(args, scheme: str | None) -> LLM:
+def _engine(args, scheme: Scheme | None) -> LLM:
+    """The unquantized engine (None), or one running `scheme`."""
     kwargs = {
         "device": args.device,
         "dtype": args.dtype,
         "seed": args.seed,
         "num_kv_blocks": args.num_kv_blocks,
     }
-    if scheme == ENGINE_SCHEME:
+    if scheme is Scheme.ASYMMETRIC:
         return LLM(args.model, quantization=Quantization.WINT4, **kwargs)
     llm = LLM(args.model, enforce_eager=scheme is not None, **kwargs)
-    if scheme is not None:  # symmetric: the unquantized engine's layers, quantized in place
-        from pdray.layers.linear import quantize_linear_layers
-        from pdray.quantization.spec import Int4Source, Int4Spec
-
-        spec = Int4Spec(Int4Source.RTN, symmetric=scheme == "symmetric")
+    if scheme is Scheme.SYMMETRIC:  # one rank, eager: no CUDA graph holds the old weights
+        spec = Int4Spec(Int4Source.RTN, symmetric=True)
         quantize_linear_layers(llm.engine.runner.model, spec)
     return llm
 
@@ -131,7 +139,8 @@ def run(args) -> dict:
     for scheme in args.schemes:
         llm = _engine(args, scheme)
         try:
-            figures.append(compare(scheme, reference, score(llm, prompts, continuations)))
+            scores = score(llm, prompts, continuations)
+            figures.append(compare(scheme.value, reference, scores))
         finally:
             llm.close()
     return {
@@ -171,7 +180,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[q.value for q in Quantization],
         help="the quantization measured (its schemes: --schemes)",
     )
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument(
+        "--schemes",
+        nargs="+",
+        type=Scheme,
+        default=list(Scheme),
+        choices=list(Scheme),
+        help="int4 schemes compared with the unquantized engine",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--num-prompts", type=int, default=16)

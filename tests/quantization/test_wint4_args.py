@@ -47,4 +47,6 @@ def test_benchmarks_take_quantization():
     with pytest.raises(SystemExit):
         bench_engine.parse_args(["--quantization", "int3"])
     args = quality.parse_args(["--model", "dummy:tiny", "--quantization", "wint4"])
-    assert args.schemes == ["asymmetric", "symmetric"] and args.num_kv_blocks > 0
+    assert args.schemes == [quality.Scheme.ASYMMETRIC, quality.Scheme.SYMMETRIC]
+    assert args.num_kv_blocks > 0
+    assert quality.parse_args(["--schemes", "symmetric"]).schemes == [quality.Scheme.SYMMETRIC]
