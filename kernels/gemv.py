@@ -3,8 +3,8 @@
 At decode a linear layer is bound by reading its weight once, so one kernel streams the weight with
 enough programs over N to fill the GPU (no split-K, no reduce kernel), each owning BLOCK_N whole
 rows and walking K in BLOCK_K steps with fp32 accumulators:
-- `use_dot=False` (M of 1 to 4): multiply-adds in registers, [BLOCK_M, BLOCK_N, BLOCK_K] partial
-  sums reduced over K once at the end;
+- `use_dot=False` (M = 1 by default): multiply-adds in registers, [BLOCK_M, BLOCK_N, BLOCK_K]
+  partial sums reduced over K once at the end;
 - `use_dot=True`: the tensor cores on weight tile [BLOCK_N, BLOCK_K] x x-tile [BLOCK_K, 16].
 Layouts: x [M, K] and weight [N, K] with unit stride along K, bias [N], out [M, N] in x's dtype.
 The launch depends only on shapes (no host sync, no allocation but the output), so it can be
@@ -35,12 +35,11 @@ class GemvConfig:
     num_stages: int
 
 
-# Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels").
+# Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels
+# (issue 17)"): multiply-adds at M = 1, tensor cores (M padded to 16) from M = 2.
 _CONFIGS: dict[int, GemvConfig] = {
-    1: GemvConfig(1, 8, 512, False, 4, 3),
-    2: GemvConfig(2, 8, 256, False, 4, 3),
-    4: GemvConfig(16, 16, 256, True, 4, 4),
-    16: GemvConfig(16, 16, 256, True, 4, 4),
+    1: GemvConfig(1, 4, 1024, False, num_warps=4, num_stages=3),
+    16: GemvConfig(16, 32, 256, True, num_warps=4, num_stages=5),
 }
 
 

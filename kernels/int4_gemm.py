@@ -52,12 +52,13 @@ class Int4Config:
     inline_asm: bool = True  # decode codes with PTX (byte permutes; bf16x2/f16x2) on CUDA
 
 
-# Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels").
-_GEMV_CONFIG = Int4Config(1, 8, 4, 4, 3)
+# Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels
+# (issue 17)"); block_groups counts groups of 128 columns (scaled for smaller groups).
+_GEMV_CONFIG = Int4Config(1, 16, 4, num_warps=4, num_stages=2)
 _GEMM_CONFIGS: dict[int, Int4Config] = {
-    16: Int4Config(16, 16, 2, 4, 4),
-    64: Int4Config(64, 32, 2, 4, 3),
-    PREFILL_MIN_M: Int4Config(64, 64, 2, 4, 3),
+    16: Int4Config(16, 32, 2, num_warps=4, num_stages=3),
+    64: Int4Config(64, 32, 2, num_warps=4, num_stages=3),
+    PREFILL_MIN_M: Int4Config(64, 64, 2, num_warps=4, num_stages=3),
 }
 
 
