@@ -31,7 +31,8 @@ def _copy_into(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
 
 
 class LinearBase(nn.Module):
-    """`in_features` and `out_features` are this rank's."""
+    """y = x W^T (+ b) with W full precision (`weight`) or int4 (`qweight`, `scales`, `zeros` in
+    groups of `group_size` inputs); `in_features` and `out_features` are this rank's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, int4: Int4Spec | None):
         super().__init__()
