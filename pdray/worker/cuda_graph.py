@@ -1,8 +1,9 @@
 """Decode steps replayed from CUDA graphs, one graph per batch size of a ladder.
 
 Lifecycle: `capture()` once, after the KV cache is bound to the attention layers; then per decode
-step `can_run(batch)` and `run(batch, tables) -> logits [S, V]` (the LM head runs inside the
-graph). Graphs are captured largest first into one memory pool and write shared output buffers.
+step `can_run(batch)` and `run(batch, tables) -> logits [S, V]` (the LM head and the argmax of
+its logits run inside the graph: `argmax[:S]`, for greedy steps, which copy only those ids to the
+host). Graphs are captured largest first into one memory pool and write shared output buffers.
 A batch of S sequences replays the smallest graph of at least S rows; the rows past S are padding
 (token 0, slot -1 so no KV is written, context length 0 so attention reads nothing).
 
@@ -148,6 +149,7 @@ class DecodeCudaGraphs:
         )  # fmt: skip
         self.hidden = torch.zeros((max_bs, hidden_size), dtype=dtype, device=device)
         self.logits: torch.Tensor | None = None  # [max_bs, V], allocated by the first capture
+        self.argmax = torch.zeros(max_bs, dtype=torch.int64, device=device)  # of each logits row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _forward(self, bs: int) -> None:
@@ -161,6 +163,7 @@ class DecodeCudaGraphs:
                 (bs, logits.shape[1]), dtype=logits.dtype, device=logits.device
             )
         self.logits[:bs] = logits
+        torch.argmax(self.logits[:bs], dim=-1, out=self.argmax[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -194,7 +197,7 @@ class DecodeCudaGraphs:
     @torch.inference_mode()
     def run(self, batch: StepBatch, tables: DeviceBlockTables | None = None) -> torch.Tensor:
         """Replay the decode step of `batch`, whose block tables are its rows of `tables` (or,
-        without them, its own); returns its logits [S, V] (a view)."""
+        without them, its own); returns its logits [S, V] (a view; their argmax is argmax[:S])."""
         n = len(batch.query_lens)
         bs = self.padded_size(n)
         self.inputs.stage(batch, bs, tables)

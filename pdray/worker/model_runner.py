@@ -99,8 +99,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.arch.torch_dtype, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(
-            config.model, family, self.arch, self.dtype, self.device, config.seed
-        )
+            config.model, family, self.arch, self.dtype, self.device, config.seed,
+            quantization=config.quantization,
+        )  # fmt: skip
         self.attention_layers = self.model.attention_layers()
         self.backend = get_attention_backend(
             config.attention_backend, self.device.type, self.device
@@ -348,6 +349,7 @@ class ModelRunner:
         if not batch.input_ids:
             return StepOutput()
         scored = []
+        argmax = None  # the logits' argmax per sampling row, where the decode graph computed it
         with bound(self.tp):
             if (
                 self.graphs is not None
@@ -357,9 +359,10 @@ class ModelRunner:
             ):
                 tables = self._persistent_tables() if batch.table_rows else None
                 logits = self.graphs.run(batch, tables)  # [S, V]: row i is sequence i
+                argmax = self.graphs.argmax[: logits.shape[0]]
                 if batch.sample_indices != list(range(len(batch.query_lens))):
                     index = self._to_device(batch.sample_indices)
-                    logits = logits[index]
+                    logits, argmax = logits[index], argmax[index]
             else:
                 hidden, rows = self._eager_forward(batch)
                 if batch.prompt_logprob_rows:
@@ -369,7 +372,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[rows])
         if self.rank != 0:  # the LM head's all-gather is done; rank 0 samples
             return StepOutput()
-        return StepOutput(self.sampler(logits, batch.sampling_rows), scored)
+        return StepOutput(self.sampler(logits, batch.sampling_rows, argmax=argmax), scored)
 
     def _score_prompts(self, hidden: torch.Tensor, batch: StepBatch) -> list[PromptLogprobs]:
         # The LM head over at most 2 x max_num_seqs prompt positions at a time: their logits and

@@ -1,10 +1,14 @@
 """Turns one step's logits into sampled tokens, one row per sequence that samples.
 
-Per row, in order: logprobs of the raw distribution (when asked), penalties, banned tokens, then
-greedy argmax or temperature / min_p / top_k / top_p and a draw. The draw is an exponential race,
-argmax(p / q) with q ~ Exp(1), which picks token i with probability p_i. Rows with a seed draw
-their q from a generator of their own, kept across steps, so their tokens do not depend on what
-else is in the batch.
+When every row is plain greedy (temperature 0, no logprobs, penalties or banned tokens), the
+tokens are the logits' argmax, taken on the device (or given: the decode graph computes it), and
+only those [S] ids come back to the host: no float copy of the logits.
+
+Otherwise, per row, in order: logprobs of the raw distribution (when asked), penalties, banned
+tokens, then greedy argmax or temperature / min_p / top_k / top_p and a draw. The draw is an
+exponential race, argmax(p / q) with q ~ Exp(1), which picks token i with probability p_i. Rows
+with a seed draw their q from a generator of their own, kept across steps, so their tokens do not
+depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -24,6 +28,16 @@ def _uses_penalties(row: SamplingRow) -> bool:
     )
 
 
+def is_plain_greedy(row: SamplingRow) -> bool:
+    """Whether row's token is just the argmax of its logits."""
+    return (
+        row.temperature < _GREEDY_TEMPERATURE
+        and row.num_logprobs is None
+        and not row.banned_token_ids
+        and not _uses_penalties(row)
+    )
+
+
 def _to_device(
     values: list[int] | list[float], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -38,6 +52,8 @@ class Sampler:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._generators: dict[str, torch.Generator] = {}
+        self._host_ids: torch.Tensor | None = None  # pinned, for token ids coming back (CUDA)
+        self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
 
     def free(self, seq_ids: Iterable[str]) -> None:
         for seq_id in seq_ids:
@@ -53,11 +69,20 @@ class Sampler:
         generator.set_state(torch.tensor(list(state), dtype=torch.uint8))
         self._generators[seq_id] = generator
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        argmax: torch.Tensor | None = None,
+    ) -> list[SampledToken]:
+        """One token per row of logits [S, V]; argmax [S], if given, is logits.argmax(-1)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         if not rows:
             return []
+        if all(is_plain_greedy(row) for row in rows):
+            ids = logits.argmax(dim=-1) if argmax is None else argmax
+            return [SampledToken(token_id) for token_id in self._to_host(ids)]
         logits = logits.to(dtype=torch.float32, copy=True)
         logprob_rows = [i for i, row in enumerate(rows) if row.num_logprobs is not None]
         raw_logprobs = None
@@ -67,6 +92,19 @@ class Sampler:
         self._apply_bans(logits, rows)
         token_ids = self._sample(logits, rows)
         return self._results(token_ids, rows, logprob_rows, raw_logprobs)
+
+    def _to_host(self, token_ids: torch.Tensor) -> list[int]:
+        """[S] ids on the device as a list: one small copy, one wait for it."""
+        if self._copied is None:
+            return token_ids.tolist()
+        n = token_ids.shape[0]
+        if self._host_ids is None or self._host_ids.shape[0] < n:
+            self._host_ids = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+        host = self._host_ids[:n]
+        host.copy_(token_ids, non_blocking=True)
+        self._copied.record()
+        self._copied.synchronize()
+        return host.tolist()
 
     def _index(self, indices: list[int], like: torch.Tensor) -> torch.Tensor:
         return _to_device(indices, torch.long, like.device)

@@ -227,3 +227,64 @@ def test_rank_counts_strictly_better_tokens() -> None:
     tie = Sampler()(logits, [SamplingRow(seq_id="b", temperature=0.0, num_logprobs=1)])[0]
     assert (tie.token_id, tie.rank) == (1, 1)
     assert tie.top_logprobs[0][1] == pytest.approx(torch.log_softmax(logits[0], -1)[1].item())
+
+
+# -- the greedy fast path ----------------------------------------------------------------------
+
+
+def _tied_logits(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """[16, 50] logits on a coarse grid, so most rows hold ties for the maximum."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(-8, 8, (16, 50), generator=generator) / 4).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_fast_path_picks_the_general_samplers_tokens(dtype, monkeypatch) -> None:
+    sampler = Sampler()
+    for seed in range(5):
+        logits = _tied_logits(dtype, seed)
+        greedy = [SamplingRow(f"g{i}", temperature=0.0) for i in range(16)]
+        # asking for logprobs takes the general path (float copy, per-row greedy argmax)
+        general = [SamplingRow(f"g{i}", temperature=0.0, num_logprobs=0) for i in range(16)]
+        expected = [s.token_id for s in sampler(logits, general)]
+        with monkeypatch.context() as patch:
+            patch.setattr(sampler, "_sample", lambda *a: pytest.fail("took the general path"))
+            fast = [s.token_id for s in sampler(logits, greedy)]
+            given = [s.token_id for s in sampler(logits, greedy, argmax=logits.argmax(dim=-1))]
+        assert fast == given == expected
+
+
+def test_fast_path_returns_the_argmax_it_is_given() -> None:
+    logits = torch.zeros(3, 8)
+    rows = [SamplingRow(f"g{i}", temperature=0.0) for i in range(3)]
+    given = torch.tensor([5, 0, 7])
+    assert [s.token_id for s in Sampler()(logits, rows, argmax=given)] == [5, 0, 7]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        SamplingRow("b", temperature=0.0, banned_token_ids=[3]),
+        SamplingRow("r", temperature=0.0, repetition_penalty=2.0, output_token_ids=[3]),
+        SamplingRow("p", temperature=0.0, presence_penalty=5.0, output_token_ids=[3]),
+    ],
+    ids=["banned", "repetition", "presence"],
+)
+def test_greedy_rows_that_change_the_logits_skip_the_fast_path(row) -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    plain = SamplingRow("g", temperature=0.0)
+    # argmax says 3 for both rows; the banned or penalized row must not take it
+    tokens = [s.token_id for s in Sampler()(logits, [row, plain], argmax=torch.tensor([3, 3]))]
+    assert tokens == [2, 3]
+
+
+def test_greedy_engine_tokens_equal_the_general_paths(checkpoint) -> None:
+    from pdray import LLM, SamplingParams
+
+    prompts = [[5, 9, 200, 31], [17] * 11, [3, 4]]
+    fast = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    general = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    with LLM(str(checkpoint("llama3")), device="cpu", dtype="float32", block_size=4) as llm:
+        outputs = [llm.generate(prompts, p, use_tqdm=False) for p in (fast, general)]
+    tokens = [[o.outputs[0].token_ids for o in out] for out in outputs]
+    assert tokens[0] == tokens[1]
