@@ -2,7 +2,7 @@
 
     applications:
       - name: pdray
-        import_path: deployments.app:build_app
+        import_path: pdray.deployments.app:build_app
         args: {model: dummy:tiny, prefill: {replicas: 1}, decode: {replicas: 1}}
 
 Validates args (a bad key fails at start, naming it) and binds Router, Prefill, Decode, Mixed,
@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import logging
 
+from pdray.deployments.args import AppArgs
+from pdray.deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
+from pdray.deployments.redis_host import RedisHost
+from pdray.deployments.replica import PDReplica
+from pdray.deployments.router import DEPLOYMENT_NAMES, Router, build_router_app
+from pdray.deployments.routing import ReplicaIdRouter
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments.args import AppArgs
-from deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
-from deployments.redis_host import RedisHost
-from deployments.replica import PDReplica
-from deployments.router import DEPLOYMENT_NAMES, Router, build_router_app
-from deployments.routing import ReplicaIdRouter
 from pdray.config import Role
 from pdray.router.redis_server import free_port
 

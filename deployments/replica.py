@@ -15,17 +15,17 @@ import socket
 import threading
 import time
 
-from ray import serve
-
-from deployments.args import AppArgs
-from deployments.caller_deadlines import CallerDeadlines
-from deployments.engine_replica import (
+from pdray.deployments.args import AppArgs
+from pdray.deployments.caller_deadlines import CallerDeadlines
+from pdray.deployments.engine_replica import (
     make_engine_loop,
     params_from,
     submit,
 )
-from deployments.metrics import ReplicaMetrics
-from deployments.redis_host import resolve_redis_url
+from pdray.deployments.metrics import ReplicaMetrics
+from pdray.deployments.redis_host import resolve_redis_url
+from ray import serve
+
 from pdray.config import Role
 from pdray.engine.loop import AsyncSink
 from pdray.engine.role_worker import PrefillResult

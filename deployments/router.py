@@ -41,17 +41,17 @@ import time
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
-from ray import serve
-
-from deployments.args import AppArgs
-from deployments.metrics import (
+from pdray.deployments.args import AppArgs
+from pdray.deployments.metrics import (
     RequestStatus,
     RequestTrace,
     RoutingOutcome,
     Span,
     record_routing,
 )
-from deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
+from pdray.deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
+from ray import serve
+
 from pdray.config import Role
 from pdray.disagg.client_stream import AttemptAborted, SentTokens, ended_by_abort, pd_outputs
 from pdray.engine.role_worker import FailureKind, HandoffFailed, PrefillResult

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.kv_write import write_kv
-from kernels.paged_decode import choose_num_splits, paged_decode_attention
-from kernels.paged_prefill import paged_prefill_attention
 from pdray.attention.base import AttentionBackend, AttentionMetadata
 from pdray.attention.torch_backend import gather_context
+from pdray.kernels.kv_write import write_kv
+from pdray.kernels.paged_decode import choose_num_splits, paged_decode_attention
+from pdray.kernels.paged_prefill import paged_prefill_attention
 
 SDPA_MIN_TOKENS = 1024
 

@@ -314,7 +314,7 @@ def bench_attention(runner, counts, context_len, prompt_lens, read_gbps, matmul_
     fresh prompt through the Triton prefill kernel against SDPA's backends (the measured pick)."""
     import triton.testing
 
-    from kernels.paged_decode import choose_num_splits, paged_decode_attention
+    from pdray.kernels.paged_decode import choose_num_splits, paged_decode_attention
 
     layer = runner.attention_layers[0]
     cache, bs, dev = layer.kv_cache, runner.config.block_size, runner.device
@@ -349,7 +349,7 @@ def _prefill_attention_ms(runner, t: int) -> dict[str, float]:
     import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.paged_prefill import paged_prefill_attention
+    from pdray.kernels.paged_prefill import paged_prefill_attention
 
     layer = runner.attention_layers[0]
     cache, bs, dev, dt = layer.kv_cache, runner.config.block_size, runner.device, runner.dtype
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tp > 1:
         _warn_if_multicast_on()
 
-    from kernels.bandwidth import measure_read_bandwidth_gbps
+    from pdray.kernels.bandwidth import measure_read_bandwidth_gbps
 
     read_gbps = measure_read_bandwidth_gbps()
     matmul_tflops = measure_matmul_tflops()

@@ -131,8 +131,8 @@ def _weights(n: int, k: int, copies: int, int4: bool, gen: torch.Generator) -> l
 
 def _methods(m: int) -> dict[str, tuple[bool, Callable]]:
     """name -> (int4 weight?, fn(x, w, out))."""
-    from kernels.gemv import linear
-    from kernels.int4_gemm import Int4Path, int4_linear
+    from pdray.kernels.gemv import linear
+    from pdray.kernels.int4_gemm import Int4Path, int4_linear
 
     def cublas(x, w, out):
         return torch.mm(x, w.t(), out=out)
@@ -230,8 +230,8 @@ def tune_grid(m: int) -> dict[str, list[tuple]]:
 def tune(ms_values: list[int], read_gbps: float, rep_ms: float = 10.0) -> list[dict]:
     """Each candidate of `tune_grid` on the four layer shapes at each M: the summed layer time
     and its fraction of bandwidth (one layer of each shape), printed per kernel and M, best first."""
-    from kernels.gemv import GemvConfig, linear
-    from kernels.int4_gemm import Int4Config, Int4Path, int4_linear
+    from pdray.kernels.gemv import GemvConfig, linear
+    from pdray.kernels.int4_gemm import Int4Config, Int4Path, int4_linear
 
     kernels = {
         "gemv": (False, lambda c: lambda x, w, out: linear(x, w, out=out, config=GemvConfig(*c))),
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("pdray.bench.linear needs a CUDA GPU")
-    from kernels.bandwidth import measure_read_bandwidth_gbps
     from pdray.bench.engine import measure_matmul_tflops
+    from pdray.kernels.bandwidth import measure_read_bandwidth_gbps
 
     read_gbps = measure_read_bandwidth_gbps()
     matmul_tflops = measure_matmul_tflops()

@@ -50,7 +50,7 @@ def copy_alone(cache, mapped, src: list[int], dst: list[int], num_bytes: int) ->
     """GB/s of the transfer's own copy without the transport: one `kernels.kv_copy` launch of
     all layers' K and V of the blocks out of the IPC mapping (the receiver's copy); for
     contiguous blocks also torch's strided copy of the same views."""
-    from kernels.kv_copy import copy_kv_blocks
+    from pdray.kernels.kv_copy import copy_kv_blocks
 
     src_ids = torch.tensor(src, device=cache.device)
     dst_ids = torch.tensor(dst, device=cache.device)
@@ -74,7 +74,7 @@ def on_receiver(mapped: torch.Tensor, n: int, device: torch.device) -> torch.Ten
     """Blocks 0..n-1 of the mapped sender cache, copied to `device` as the receiver copies them:
     by `kernels.kv_copy` on the current GPU (the receiver's, whose context mapped the sender's
     cache; torch would run its own kernels on the GPU the mapping's pointer names)."""
-    from kernels.kv_copy import copy_kv_blocks
+    from pdray.kernels.kv_copy import copy_kv_blocks
 
     out = torch.empty((*mapped.shape[:2], n, *mapped.shape[3:]), dtype=mapped.dtype, device=device)
     ids = torch.arange(n, device=device)

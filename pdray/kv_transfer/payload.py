@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kernels.kv_copy import copy_kv_blocks
+from pdray.kernels.kv_copy import copy_kv_blocks
 from pdray.kv_transfer.base import KVLayout, KVPayload, LayerChunk, head_slice
 
 

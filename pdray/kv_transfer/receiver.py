@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.kv_copy import copy_kv_blocks
+from pdray.kernels.kv_copy import copy_kv_blocks
 from pdray.kv_transfer.base import (
     Handoff,
     KVLayout,

@@ -29,7 +29,7 @@ def fused_ops(x: torch.Tensor) -> ModuleType | None:
     if not _checked:
         _checked = True
         if importlib.util.find_spec("triton") is not None:
-            from kernels import fused
+            from pdray.kernels import fused
 
             _module = fused
     return _module

@@ -27,7 +27,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     kernel: it read an 8B model's layer shapes at 0.87 of bandwidth against cuBLAS's 0.82 on an
     H200 (docs/performance.md, "Linear kernels"); at 4-16 rows it read at 0.71-0.81 only."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
-        from kernels import gemv  # Triton: imported only on CUDA
+        from pdray.kernels import gemv  # Triton: imported only on CUDA
 
         if gemv.supports(x, weight):
             return gemv.linear(x, weight, bias)

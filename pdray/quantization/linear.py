@@ -24,7 +24,7 @@ def int4_linear(x: torch.Tensor, q: Int4Weight, bias: torch.Tensor | None = None
     (kernels/int4_gemm.py, imported only there), the dequantize-then-matmul reference otherwise
     (CPU, or float32 on CUDA)."""
     if x.is_cuda and x.dtype in _KERNEL_DTYPES:
-        from kernels.int4_gemm import int4_linear as kernel
+        from pdray.kernels.int4_gemm import int4_linear as kernel
 
         return kernel(x, q, bias)
     return int4_linear_reference(x, q, bias)

@@ -108,7 +108,7 @@ def join_collectives(config: EngineConfig, rank: int, store: dist.Store) -> Tens
         # opt-in: faster than NCCL at 8 KB in a graph (16.2 vs 20.1 us), far slower at 512 KB
         # (509 vs 21 us) on two H200s; docs/performance.md
         if os.environ.get("PDRAY_PEER_ALL_REDUCE") == "1":
-            from kernels.all_reduce import setup_peer_all_reduce
+            from pdray.kernels.all_reduce import setup_peer_all_reduce
 
             device = torch.device("cuda", torch.cuda.current_device())
             fast, error = setup_peer_all_reduce(rank, size, device, prefixed)

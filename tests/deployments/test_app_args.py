@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import ray.serve  # noqa: F401 (a dependency the tests need: missing fails)
-
-from deployments.app import parse_args  # noqa: E402
-from deployments.engine_replica import resolve_transport  # noqa: E402
+from pdray.deployments.app import parse_args  # noqa: E402
+from pdray.deployments.engine_replica import resolve_transport  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from deployments.caller_deadlines import CallerDeadlines
+from pdray.deployments.caller_deadlines import CallerDeadlines
 
 
 class Clock:

@@ -6,15 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 import ray  # noqa: F401 (a dependency the tests need: missing fails)
-
-from deployments import metrics  # noqa: E402
-from deployments.metrics import (  # noqa: E402
+from pdray.deployments import metrics  # noqa: E402
+from pdray.deployments.metrics import (  # noqa: E402
     ReplicaMetrics,
     RequestStatus,
     RequestTrace,
     RoutingOutcome,
     record_routing,
 )
+
 from pdray.config import Role  # noqa: E402
 from pdray.kv_transfer.metrics import TransferMetrics  # noqa: E402
 from pdray.outputs import CompletionOutput, RequestOutput  # noqa: E402

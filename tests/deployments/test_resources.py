@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from deployments.app import parse_args, replica_resources
+from pdray.deployments.app import parse_args, replica_resources
 
 
 def test_tensor_parallel_replica_gets_a_bundle_per_rank():

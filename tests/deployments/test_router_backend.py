@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import ray.serve  # noqa: F401 (a dependency the tests need: missing fails)
+from pdray.deployments import metrics  # noqa: E402
+from pdray.deployments.args import AppArgs  # noqa: E402
+from pdray.deployments.router import PDBackend  # noqa: E402
 
-from deployments import metrics  # noqa: E402
-from deployments.args import AppArgs  # noqa: E402
-from deployments.router import PDBackend  # noqa: E402
 from pdray.config import Role  # noqa: E402
 from pdray.engine.role_worker import (  # noqa: E402
     FailureKind,

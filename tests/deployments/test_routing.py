@@ -7,8 +7,7 @@ import time
 from types import SimpleNamespace
 
 import ray.serve  # noqa: F401 (a dependency the tests need: missing fails)
-
-from deployments.routing import UNLISTED_GRACE_S, ReplicaIdRouter  # noqa: E402
+from pdray.deployments.routing import UNLISTED_GRACE_S, ReplicaIdRouter  # noqa: E402
 
 
 def replica(unique_id: str):

@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.gpu, NEEDS_GPU]
 
 
 def test_read_all_sums_everything(device):
-    from kernels.bandwidth import read_all
+    from pdray.kernels.bandwidth import read_all
 
     x = torch.randn(64 * 4096 * 3, generator=torch.Generator().manual_seed(0)).to(device)
     partial = read_all(x, num_programs=64)

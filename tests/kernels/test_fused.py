@@ -69,7 +69,7 @@ NORM_SHAPES = [(1, 4096), (7, 896), (33, 256), (4, 100), (2, 5120)]
 def test_rms_norm(device, dtype, num_tokens, hidden, with_residual):
     """The kernel, then the RMSNorm layer (which dispatches to it on CUDA), against the reference;
     with a residual both outputs: norm(x + residual) and x + residual."""
-    from kernels.fused import rms_norm
+    from pdray.kernels.fused import rms_norm
 
     gen = torch.Generator().manual_seed(hidden)
     weight = _randn(gen, hidden, device=device, dtype=dtype)
@@ -93,7 +93,7 @@ def test_rms_norm(device, dtype, num_tokens, hidden, with_residual):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("num_tokens", "d"), [(1, 14336), (5, 768), (3, 100), (17, 4864)])
 def test_silu_and_mul(device, dtype, num_tokens, d):
-    from kernels.fused import silu_and_mul
+    from pdray.kernels.fused import silu_and_mul
 
     gen = torch.Generator().manual_seed(d)
     x = _randn(gen, num_tokens, 2 * d, device=device, dtype=dtype) * 3
@@ -112,7 +112,7 @@ ROTARY_SHAPES = [(32, 8, 128), (14, 2, 64), (8, 2, 80), (16, 1, 96)]
 def test_rotary(device, dtype, interleaved, num_heads, num_kv_heads, head_dim, num_tokens):
     """q and k are views into one fused qkv tensor (strided over tokens and heads), as in the
     attention layers; positions anywhere in the table."""
-    from kernels.fused import rotary
+    from pdray.kernels.fused import rotary
 
     gen = torch.Generator().manual_seed(head_dim + num_tokens)
     rope = RotaryEmbedding(head_dim, 4096, 500000.0, interleaved=interleaved).to(device)

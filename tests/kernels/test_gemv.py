@@ -55,7 +55,7 @@ def _randn(gen, *shape, dtype, device) -> torch.Tensor:
 @pytest.mark.parametrize("m", M_VALUES if not INTERPRET else [1, 3, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_reference(device, dtype, n, k, m, with_bias):
-    from kernels.gemv import linear
+    from pdray.kernels.gemv import linear
 
     gen = torch.Generator().manual_seed(m * 7919 + n + k)
     x = _randn(gen, m, k, dtype=dtype, device=device)
@@ -74,7 +74,7 @@ def test_linear_matches_reference(device, dtype, n, k, m, with_bias):
 def test_each_variant_and_leading_dims(device, use_dot, m):
     """Both inner loops at several block shapes, on x [2, m, K] (leading dims kept), K not a
     multiple of BLOCK_K and N not of BLOCK_N."""
-    from kernels.gemv import GemvConfig, linear
+    from pdray.kernels.gemv import GemvConfig, linear
 
     gen = torch.Generator().manual_seed(m)
     x = _randn(gen, 2, m, 160, dtype=torch.float16, device=device)
@@ -90,7 +90,7 @@ def test_each_variant_and_leading_dims(device, use_dot, m):
 @pytest.mark.parametrize("m", [1, 8])
 def test_captured_in_a_cuda_graph(m):
     """Replaying a captured call computes the product of whatever x holds at replay."""
-    from kernels.gemv import linear
+    from pdray.kernels.gemv import linear
 
     gen = torch.Generator().manual_seed(m)
     weight = _randn(gen, 4096, 4096, dtype=torch.bfloat16, device="cuda") / 64
@@ -107,7 +107,7 @@ def test_captured_in_a_cuda_graph(m):
 
 
 def test_supports(device):
-    from kernels.gemv import MAX_M, supports
+    from pdray.kernels.gemv import MAX_M, supports
 
     w = torch.zeros(64, 128, dtype=torch.bfloat16, device=device)
     x = torch.zeros(MAX_M, 128, dtype=torch.bfloat16, device=device)

@@ -32,7 +32,7 @@ def _weight(gen, n, k, group_size, dtype, device, symmetric=False) -> Int4Weight
 
 
 def _check(got, x, q, bias, dtype, path) -> None:
-    from kernels.int4_gemm import Int4Path
+    from pdray.kernels.int4_gemm import Int4Path
 
     weight = dequantize(q, torch.float64 if path is Int4Path.GEMV else dtype)
     # cuBLAS may reduce split-K partial sums in x's dtype (torch's default for bf16/fp16)
@@ -49,7 +49,7 @@ def _check(got, x, q, bias, dtype, path) -> None:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int4_linear_matches_reference(device, dtype, n, k, group_size, m, with_bias):
     """The path int4_linear picks for M."""
-    from kernels.int4_gemm import choose_path, int4_linear
+    from pdray.kernels.int4_gemm import choose_path, int4_linear
 
     gen = torch.Generator().manual_seed(m * 7919 + n + k + group_size)
     q = _weight(gen, n, k, group_size, dtype, device, symmetric=with_bias)
@@ -67,7 +67,7 @@ def test_int4_linear_matches_reference(device, dtype, n, k, group_size, m, with_
 @pytest.mark.parametrize("path", ["gemv", "gemm", "dequant_matmul"])
 def test_every_path_at_every_m(device, dtype, group_size, m, path):
     """Each path forced, on x [2, m, K] (leading dims kept), with and without inline PTX."""
-    from kernels.int4_gemm import Int4Config, Int4Path, int4_linear
+    from pdray.kernels.int4_gemm import Int4Config, Int4Path, int4_linear
 
     gen = torch.Generator().manual_seed(m + group_size)
     q = _weight(gen, 48, 384, group_size, dtype, device)
@@ -87,7 +87,7 @@ def test_every_path_at_every_m(device, dtype, group_size, m, path):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_dequantize_equals_the_reference(device, dtype, group_size):
-    from kernels.int4_gemm import dequantize as dequantize_kernel
+    from pdray.kernels.int4_gemm import dequantize as dequantize_kernel
 
     gen = torch.Generator().manual_seed(group_size)
     q = _weight(gen, 70, 256 + group_size, group_size, dtype, device)
@@ -97,7 +97,7 @@ def test_dequantize_equals_the_reference(device, dtype, group_size):
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("m", [1, 8])
 def test_captured_in_a_cuda_graph(m):
-    from kernels.int4_gemm import choose_path, int4_linear
+    from pdray.kernels.int4_gemm import choose_path, int4_linear
 
     gen = torch.Generator().manual_seed(m)
     q = _weight(gen, 4096, 4096, 128, torch.bfloat16, "cuda")
@@ -114,7 +114,7 @@ def test_captured_in_a_cuda_graph(m):
 
 
 def test_rejects_what_it_cannot_compute(device):
-    from kernels.int4_gemm import int4_linear
+    from pdray.kernels.int4_gemm import int4_linear
 
     gen = torch.Generator().manual_seed(0)
     q = _weight(gen, 8, 256, 64, torch.float16, device)

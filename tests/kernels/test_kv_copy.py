@@ -10,8 +10,7 @@ import contextlib
 import pytest
 import torch
 from kernel_utils import HAS_CUDA, NEEDS_GPU
-
-from kernels.kv_copy import copy_kv_blocks, copy_kv_blocks_ref
+from pdray.kernels.kv_copy import copy_kv_blocks, copy_kv_blocks_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # copied as integer words: exact
 TABLES = ["contiguous", "every_other", "reversed", "permutation", "random"]
@@ -113,7 +112,7 @@ def test_rejects_what_does_not_fit():
 
 
 def _triton(dst, dst_blocks, src, src_blocks, **region):
-    from kernels.kv_copy import copy_kv_blocks_triton
+    from pdray.kernels.kv_copy import copy_kv_blocks_triton
 
     copy_kv_blocks_triton(dst, dst_blocks, src, src_blocks, **region)
 

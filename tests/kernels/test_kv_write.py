@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.gpu, NEEDS_GPU]
     [(1, 1, 64), (37, 2, 128), (300, 8, 128), (5, 3, 80)],
 )
 def test_write_kv_matches_reference(device, dtype, num_tokens, num_kv_heads, head_dim):
-    from kernels.kv_write import write_kv
-    from kernels.reference import write_kv_ref
+    from pdray.kernels.kv_write import write_kv
+    from pdray.kernels.reference import write_kv_ref
 
     gen = torch.Generator().manual_seed(num_tokens)
     num_blocks, block_size = 64, 16

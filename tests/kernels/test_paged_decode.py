@@ -17,8 +17,8 @@ SHAPES = [(8, 8, 64, 16), (32, 8, 128, 16), (14, 2, 64, 32), (4, 1, 128, 16), (6
 @pytest.mark.parametrize("num_splits", [1, 4, 16])
 @pytest.mark.parametrize("sliding_window", [None, 50])
 def test_decode_matches_reference(device, dtype, shape, num_splits, sliding_window):
-    from kernels.paged_decode import paged_decode_attention
-    from kernels.reference import paged_attention_ref
+    from pdray.kernels.paged_decode import paged_decode_attention
+    from pdray.kernels.reference import paged_attention_ref
 
     num_heads, num_kv_heads, head_dim, block_size = shape
     gen = torch.Generator().manual_seed(num_heads * 131 + num_splits)
@@ -47,7 +47,7 @@ def test_decode_matches_reference(device, dtype, shape, num_splits, sliding_wind
 
 def test_padded_rows_are_finite(device):
     """CUDA-graph padding: a sequence of length 0 yields zeros, never NaN."""
-    from kernels.paged_decode import paged_decode_attention
+    from pdray.kernels.paged_decode import paged_decode_attention
 
     gen = torch.Generator().manual_seed(0)
     cache = random_cache(8, 16, 2, 64, torch.float16, device, gen)
@@ -60,7 +60,7 @@ def test_padded_rows_are_finite(device):
 
 
 def test_choose_num_splits():
-    from kernels.paged_decode import MAX_SPLITS, choose_num_splits
+    from pdray.kernels.paged_decode import MAX_SPLITS, choose_num_splits
 
     assert choose_num_splits(256, 8, 2048, 132) == 1
     assert choose_num_splits(1, 8, 2048, 132) == 16  # 128 tokens a split

@@ -23,8 +23,8 @@ BATCHES = {
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("sliding_window", [None, 40])
 def test_prefill_matches_reference(device, dtype, shape, batch, sliding_window):
-    from kernels.paged_prefill import paged_prefill_attention
-    from kernels.reference import paged_attention_ref
+    from pdray.kernels.paged_prefill import paged_prefill_attention
+    from pdray.kernels.reference import paged_attention_ref
 
     num_heads, num_kv_heads, head_dim, block_size = shape
     query_lens = [q for q, _ in BATCHES[batch]]

@@ -5,8 +5,8 @@ benchmarks' `--quantization`."""
 from __future__ import annotations
 
 import pytest
+from pdray.deployments.app import parse_args
 
-from deployments.app import parse_args
 from pdray.bench import engine as bench_engine
 from pdray.bench import quality
 from pdray.config import EngineConfig, Quantization, Role

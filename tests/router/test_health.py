@@ -4,9 +4,9 @@ registered (the app answers HTTP before its engines have sent their first heartb
 from __future__ import annotations
 
 import pytest
+from pdray.deployments.args import AppArgs
+from pdray.deployments.router import PDBackend
 
-from deployments.args import AppArgs
-from deployments.router import PDBackend
 from pdray.config import Role
 from pdray.router.store import InstanceRecord, InstanceStore
 
