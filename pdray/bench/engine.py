@@ -84,6 +84,27 @@ def decode_batch(num_seqs: int, context_len: int, block_size: int) -> StepBatch:
     )
 
 
+def engine_decode_steps(batch: StepBatch) -> tuple[StepBatch, StepBatch]:
+    """`batch` as the engine sends it with persistent block tables (rows 0..S-1 of the runner's
+    device tables): the first step writes every table (row, column, block id), later steady
+    decode steps carry only the row ids."""
+    rows = list(range(len(batch.query_lens)))
+    writes = [
+        value
+        for row, table in enumerate(batch.block_tables)
+        for column, block in enumerate(table)
+        for value in (row, column, block)
+    ]
+    common = {name: getattr(batch, name) for name in (
+        "input_ids", "positions", "slot_mapping", "query_lens", "seq_lens", "sample_indices",
+        "sampling_rows",
+    )}  # fmt: skip
+    first = StepBatch(**common, block_tables=[], table_rows=rows, table_clears=rows,
+                      table_writes=writes)  # fmt: skip
+    steady = StepBatch(**common, block_tables=[], table_rows=rows)
+    return first, steady
+
+
 def prefill_batch(prompt_len: int, block_size: int) -> StepBatch:
     table = list(range(-(-prompt_len // block_size)))
     return StepBatch(
@@ -153,16 +174,17 @@ def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, it
     rows = []
     bs = runner.config.block_size
     for n in batch_sizes:
-        batch = decode_batch(n, context_len, bs)
+        first, batch = engine_decode_steps(decode_batch(n, context_len, bs))
+        runner.execute(first)  # writes the tables; the timed steps send only the rows
         graph_batch = graph_batch_size(graphs, batch)
 
         def replay_only(graph_batch=graph_batch):
             graphs.graphs[graph_batch].replay()
 
         def graph_step(batch=batch):
-            return runner.sampler(graphs.run(batch), batch.sampling_rows)
+            return runner.sampler(graphs.run(batch, runner.block_tables), batch.sampling_rows)
 
-        graphs.run(batch)  # stage this batch's inputs for replay_only
+        graphs.run(batch, runner.block_tables)  # stage this batch's inputs for replay_only
         gpu_ms = device_median_ms(replay_only, iters)
         step_ms = wall_median_ms(graph_step, iters)
         execute_ms = wall_median_ms(lambda batch=batch: runner.execute(batch), iters)
@@ -197,7 +219,8 @@ def bench_decode_tp(runner, counts, batch_sizes, context_len, read_gbps, iters):
     time is rank 0's wall time of the whole step: broadcast, replay, LM head, sampling."""
     rows = []
     for n in batch_sizes:
-        batch = decode_batch(n, context_len, runner.config.block_size)
+        first, batch = engine_decode_steps(decode_batch(n, context_len, runner.config.block_size))
+        runner.execute(first)  # every rank writes the tables; timed steps send only the rows
         execute_ms = wall_median_ms(lambda batch=batch: runner.execute(batch), iters)
         bound_ms = decode_bound_ms(counts, n, context_len, read_gbps)
         rows.append({

@@ -159,3 +159,24 @@ def test_tensor_parallel_decode_runs_through_execute_on_every_rank(monkeypatch):
     assert [(r["batch"], r["context_len"]) for r in rows] == [(1, 32), (4, 32)]
     assert all(r["graph_batch"] is None for r in rows)  # no CUDA graphs on CPU: eager steps
     assert all(r["execute_ms"] > 0 and r["bound_fraction"] > 0 for r in rows)
+
+
+def test_engine_decode_steps_equal_the_batch_that_carries_its_tables():
+    """The bench's decode steps as the engine sends them (rows of the persistent device tables:
+    written once, then only row ids) sample what the same batch with its own tables samples."""
+    config = EngineConfig(
+        model="dummy:tiny", device="cpu", dtype="float32", max_num_seqs=4, max_model_len=64,
+        max_num_batched_tokens=64,
+    )  # fmt: skip
+    runner = ModelRunner(config)
+    try:
+        runner.allocate_kv_cache(16, max_model_len=64)
+        engine.fill_kv_cache_normal(runner)
+        batch = engine.decode_batch(4, 32, config.block_size)
+        first, steady = engine.engine_decode_steps(batch)
+        assert not steady.block_tables and not steady.table_writes and steady.table_rows
+        want = [t.token_id for t in runner.execute(batch)]
+        assert [t.token_id for t in runner.execute(first)] == want
+        assert [t.token_id for t in runner.execute(steady)] == want
+    finally:
+        runner.close()
