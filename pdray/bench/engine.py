@@ -53,6 +53,7 @@ from pdray.bench.timing import device_median_ms, wall_median_ms
 from pdray.config import EngineConfig, Quantization
 from pdray.layers.linear import LinearBase
 from pdray.worker.batch import SamplingRow, StepBatch
+from pdray.worker.block_tables import DeviceBlockTables
 from pdray.worker.cuda_graph import DecodeCudaGraphs
 from pdray.worker.model_runner import ModelRunner
 
@@ -181,6 +182,7 @@ def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, it
         def replay_only(graph_batch=graph_batch):
             graphs.graphs[graph_batch].replay()
 
+        @torch.inference_mode()  # as the runner's steps run (the sampler's buffers are made so)
         def graph_step(batch=batch):
             return runner.sampler(graphs.run(batch, runner.block_tables), batch.sampling_rows)
 
@@ -577,7 +579,10 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
     num_blocks = max(max_batch * -(-args.context_len // config.block_size),
                      -(-max_len // config.block_size))  # fmt: skip
     if tp == 1:
-        runner.allocate_kv_cache(num_blocks)
+        runner.allocate_kv_cache(num_blocks)  # no max_model_len: the bench captures its graphs
+        runner.block_tables = DeviceBlockTables(
+            config.max_num_seqs, -(-max_len // config.block_size), runner.device
+        )  # what allocate_kv_cache(..., max_model_len) builds: the engine's persistent tables
         fill_kv_cache_normal(runner)
         graphs = DecodeCudaGraphs(
             runner.model, runner.backend, max_num_seqs=max_batch, max_model_len=max_len,
