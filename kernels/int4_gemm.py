@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from pdray.quantization.int4 import Int4Weight
+from pdray.quantization.int4 import dequantize as reference_dequantize
 
 FMA_MAX_M = 1  # GEMV up to here, GEMM above
 PREFILL_MIN_M = 256  # DEQUANT_MATMUL from here
@@ -334,43 +335,43 @@ def _int4_gemm_kernel(
 
 @triton.jit
 def _dequantize_kernel(
-    q_ptr, s_ptr, z_ptr, w_ptr, N, num_groups, stride_qn, stride_sn, stride_wn,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    q_ptr, s_ptr, z_ptr, w_ptr, N, row_bytes, num_groups,
+    OUT: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    GB: tl.constexpr = GROUP // 2
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    bi = tl.arange(0, GB)
-    mask = (rn < N)[:, None] & (g < num_groups)[None, :]
-    rows = rn.to(tl.int64)
-    qb = tl.load(q_ptr + rows[:, None, None] * stride_qn + (g[:, None] * GB + bi[None, :])[None],
-                 mask=mask[:, :, None], other=0)  # fmt: skip
-    sz_offs = rows[:, None] * stride_sn + g[None, :]
-    zf = tl.load(z_ptr + sz_offs, mask=mask, other=0.0).to(tl.float32)[:, :, None]
-    sf = tl.load(s_ptr + sz_offs, mask=mask, other=0.0).to(tl.float32)[:, :, None]
-    qi = qb.to(tl.int32)
-    dtype = w_ptr.dtype.element_ty
-    low = (((qi & 0xF).to(tl.float32) - zf) * sf).to(dtype)
-    high = (((qi >> 4).to(tl.float32) - zf) * sf).to(dtype)
-    w = tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_G * GROUP])  # columns in order
-    cols = tl.reshape((g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]), [BLOCK_G * GROUP])
-    cmask = tl.reshape(
-        tl.broadcast_to(mask[:, :, None], [BLOCK_N, BLOCK_G, GROUP]), [BLOCK_N, BLOCK_G * GROUP]
-    )
-    tl.store(w_ptr + rows[:, None] * stride_wn + cols[None, :], w, mask=cmask)
+    """Byte j of row r of `qweight` [N, K // 2] -> columns 2j and 2j + 1 of row r of the 16-bit
+    weight, written as one 32-bit word of `w_ptr` (the weight viewed as int32 [N, K // 2]; the
+    even column in the low half, as memory is little-endian): loads and stores stay contiguous."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (rows < N)[:, None] & (cols < row_bytes)[None, :]
+    offs = rows.to(tl.int64)[:, None] * row_bytes + cols[None, :]
+    b = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+    sz = rows.to(tl.int64)[:, None] * num_groups + (cols // (GROUP // 2))[None, :]
+    scale = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    low = (((b & 0xF).to(tl.float32) - zero) * scale).to(OUT)
+    high = (((b >> 4).to(tl.float32) - zero) * scale).to(OUT)
+    low_bits = low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    high_bits = high.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    tl.store(w_ptr + offs, low_bits | high_bits, mask=mask)
+
+
+_OUT_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def dequantize(q: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] in `dtype`, as `pdray.quantization.int4.dequantize` computes it."""
-    n, g = q.qweight.shape[0], q.group_size
-    num_groups = q.scales.shape[1]
-    w = torch.empty((n, num_groups * g), dtype=dtype, device=q.qweight.device)
-    block_n, block_g = 32, max(1, 256 // g)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(num_groups, block_g))
+    """The weight [N, K] in `dtype`, as `pdray.quantization.int4.dequantize` computes it (one
+    pass over the int4 codes; float32 through that torch reference)."""
+    if dtype not in _OUT_TYPES:
+        return reference_dequantize(q, dtype)
+    qweight, scales, zeros = (t.contiguous() for t in (q.qweight, q.scales, q.zeros))
+    n, row_bytes = qweight.shape
+    w = torch.empty((n, 2 * row_bytes), dtype=dtype, device=qweight.device)
+    block_r, block_b = 4, 512
+    grid = (triton.cdiv(n, block_r), triton.cdiv(row_bytes, block_b))
     _dequantize_kernel[grid](
-        q.qweight, q.scales, q.zeros, w, n, num_groups,
-        q.qweight.stride(0), q.scales.stride(0), w.stride(0),
-        GROUP=g, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=4,
+        qweight, scales, zeros, w.view(torch.int32), n, row_bytes, scales.shape[1],
+        OUT=_OUT_TYPES[dtype], GROUP=q.group_size, BLOCK_R=block_r, BLOCK_B=block_b, num_warps=4,
     )  # fmt: skip
     return w
 
