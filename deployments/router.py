@@ -13,6 +13,8 @@ the instance (nothing is streamed twice). An instance that ends a stream with fi
 "abort" the router did not send (the engine dropped the request) is not a finished request: decode
 or mixed doing so fails the attempt (retried like a failure, the instance not marked down);
 prefill doing so leaves the request to decode. Only a client that left ends quietly on an abort.
+A prefill call that raises (its replica died) leaves the request to decode's lease and policy and
+marks that prefill instance down.
 
 A full decode instance (no free KV blocks for the prompt, by its record or by its answer to
 `reserve`) is healthy: the request tries another one. While nothing can take the request (every
@@ -336,7 +338,7 @@ class PDBackend:
         )
         outputs = pd_outputs(
             _cancelling(prefill_items), _guard(decode_outputs, decode), params, sent,
-            functools.partial(_log_prefill_end, attempt_id), trace.observe,
+            functools.partial(self._prefill_ended, prefill, attempt_id), trace.observe,
         )  # fmt: skip
         try:
             async for output in outputs:
@@ -344,6 +346,17 @@ class PDBackend:
         except AttemptAborted:
             self._aborted_by(decode, request_id)
             raise
+
+    def _prefill_ended(
+        self, prefill: InstanceRecord, attempt_id: str, end: PrefillResult | Exception
+    ) -> None:
+        """Decode recovers the request (lease, policy); a prefill call that raised (the replica
+        died, or the call reached another one) also marks that instance down, so requests
+        arriving before its record expires do not pick it."""
+        _log_prefill_end(attempt_id, end)
+        if isinstance(end, Exception) and not _is_user_error(end):
+            record_routing(Role.PREFILL.value, prefill.instance_id, RoutingOutcome.FAILED)
+            self._spawn(self.snapshot.mark_down(prefill.instance_id))
 
     def _aborted_by(self, instance: InstanceRecord, request_id: str) -> None:
         """An instance ended the attempt with an abort: quietly if the client left (the router's

@@ -80,6 +80,7 @@ class FakeInstances:
         self.aborted: list[tuple[str, str]] = []  # (instance, attempt id) of each abort call
         self.abort_own: set[str] = set()  # decode instances that end streams with their own abort
         self.prefill_aborts = False  # prefill ends its stream with an abort after the first token
+        self.prefill_dies: Exception | None = None  # raised by prefill after the first token
 
     def options(self, **_):
         return self
@@ -101,6 +102,8 @@ class FakeInstances:
             ticket is None
         ) == ticket_follows  # the ticket comes with the call or through attach
         yield _out(request_id, [7], None)
+        if self.prefill_dies is not None:
+            raise _RayError(self.prefill_dies)
         if self.prefill_aborts:  # EngineLoop's answer to an abort: the output so far, ended
             yield _out(request_id, [7], "abort")
             return
@@ -442,6 +445,27 @@ def test_prefill_ending_its_stream_with_an_abort_leaves_the_request_to_decode(
         outputs = await _generate(backend, max_tokens=2)
         assert _tokens(outputs) == [[7], [7, 8]] and outputs[-1].finished
         assert all(o.outputs[0].finish_reason != "abort" for o in outputs)
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_a_prefill_replica_that_died_is_marked_down_and_decode_finishes(
+    checkpoint, redis_url, routing
+):
+    """The prefill call raises after the first token (its replica died): the request still ends
+    with decode's output, and the prefill instance is marked down at once (not left to be picked
+    until its record expires)."""
+
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="prefill-died")
+        prefill = backend._handles[Role.PREFILL]
+        prefill.prefill_dies = RuntimeError("ActorDiedError: the actor died unexpectedly")
+        outputs = await _generate(backend, max_tokens=2)
+        assert _tokens(outputs) == [[7], [7, 8]] and outputs[-1].finished
+        await asyncio.gather(*backend._background)  # the mark-down runs in the background
+        assert ("p0", "failed") in routing
+        assert not backend.snapshot.records(Role.PREFILL)
         await backend.snapshot.stop()
 
     asyncio.run(main())
