@@ -221,3 +221,26 @@ def test_num_streamable_chars() -> None:
     assert num_streamable_chars("", ["abc"]) == 0
     assert num_streamable_chars("ab", ["abc"]) == 0
     assert num_streamable_chars("aab", ["aabx", "b"]) == 0
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_rust_decode_only_where_it_equals_the_tokenizers_decode(
+    byte_level: PreTrainedTokenizerFast, clean_up: bool
+) -> None:
+    """Without space clean-up the detokenizer decodes with the Rust tokenizer directly, and the
+    text equals transformers' decode (special tokens skipped or kept); with clean-up it keeps
+    transformers' decode."""
+    original = byte_level.clean_up_tokenization_spaces
+    byte_level.clean_up_tokenization_spaces = clean_up
+    try:
+        detokenizer = IncrementalDetokenizer(byte_level, [], True)
+        assert (detokenizer._backend is None) == clean_up
+        rng = random.Random(1)
+        words = " ".join(SAMPLES).split(" ")
+        for skip in (True, False):
+            ids = byte_level.encode(" ".join(rng.choice(words) for _ in range(20)))
+            ids[3:3] = [byte_level.eos_token_id]
+            streamed, _ = _stream(byte_level, byte_level.encode("Hi "), ids, skip)
+            assert streamed.output_text == byte_level.decode(ids, skip_special_tokens=skip)
+    finally:
+        byte_level.clean_up_tokenization_spaces = original
