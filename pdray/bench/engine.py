@@ -39,6 +39,7 @@ decode `execute_ms` / BASE's (e.g. TP2 step time / TP1 step time); it needs no G
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -53,7 +54,6 @@ from pdray.bench.timing import device_median_ms, wall_median_ms
 from pdray.config import EngineConfig, Quantization
 from pdray.layers.linear import LinearBase
 from pdray.worker.batch import SamplingRow, StepBatch
-from pdray.worker.block_tables import DeviceBlockTables
 from pdray.worker.cuda_graph import DecodeCudaGraphs
 from pdray.worker.model_runner import ModelRunner
 
@@ -96,14 +96,10 @@ def engine_decode_steps(batch: StepBatch) -> tuple[StepBatch, StepBatch]:
         for column, block in enumerate(table)
         for value in (row, column, block)
     ]
-    common = {name: getattr(batch, name) for name in (
-        "input_ids", "positions", "slot_mapping", "query_lens", "seq_lens", "sample_indices",
-        "sampling_rows",
-    )}  # fmt: skip
-    first = StepBatch(**common, block_tables=[], table_rows=rows, table_clears=rows,
-                      table_writes=writes)  # fmt: skip
-    steady = StepBatch(**common, block_tables=[], table_rows=rows)
-    return first, steady
+    first = dataclasses.replace(
+        batch, block_tables=[], table_rows=rows, table_clears=rows, table_writes=writes
+    )
+    return first, dataclasses.replace(batch, block_tables=[], table_rows=rows)
 
 
 def prefill_batch(prompt_len: int, block_size: int) -> StepBatch:
@@ -580,9 +576,7 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
                      -(-max_len // config.block_size))  # fmt: skip
     if tp == 1:
         runner.allocate_kv_cache(num_blocks)  # no max_model_len: the bench captures its graphs
-        runner.block_tables = DeviceBlockTables(
-            config.max_num_seqs, -(-max_len // config.block_size), runner.device
-        )  # what allocate_kv_cache(..., max_model_len) builds: the engine's persistent tables
+        runner.build_block_tables(max_len)  # the engine's persistent tables, as on every rank
         fill_kv_cache_normal(runner)
         graphs = DecodeCudaGraphs(
             runner.model, runner.backend, max_num_seqs=max_batch, max_model_len=max_len,

@@ -239,9 +239,13 @@ class ModelRunner:
         then the decode CUDA graphs, which read their rows."""
         if self.tp_group is not None:
             self.tp_group.broadcast("_prepare_steps", max_model_len)
+        self.build_block_tables(max_model_len)
+        self._capture_graphs(max_model_len)
+
+    def build_block_tables(self, max_model_len: int) -> None:
+        """This rank's persistent block tables: max_num_seqs rows covering max_model_len."""
         max_blocks = -(-max_model_len // self.config.block_size)
         self.block_tables = DeviceBlockTables(self.config.max_num_seqs, max_blocks, self.device)
-        self._capture_graphs(max_model_len)
 
     def _capture_graphs(self, max_model_len: int) -> None:
         gloo_on_gpu = self.config.tensor_parallel_size > 1 and (
