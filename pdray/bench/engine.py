@@ -161,7 +161,7 @@ def graph_batch_size(graphs: DecodeCudaGraphs | None, batch: StepBatch) -> int |
     `runner.execute` runs eager)."""
     if graphs is None or not graphs.can_run(batch):
         return None
-    return next(b for b in graphs.batch_sizes if b >= len(batch.query_lens))
+    return graphs.padded_size(len(batch.query_lens))
 
 
 def bench_decode(runner, graphs, counts, batch_sizes, context_len, read_gbps, iters):
