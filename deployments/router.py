@@ -1,9 +1,11 @@
 """The ingress: OpenAI HTTP API over a PD backend that picks instances from Redis records.
 
 Per request: pick a decode instance (load, free blocks) and a prefill instance (queued prompt
-tokens) from the snapshot -> decode.reserve -> prefill.prefill(ticket) in the background ->
-stream decode's outputs. With no PD pair available, mixed instances serve. A client that leaves
-aborts the request on both instances.
+tokens) from the snapshot -> decode.reserve_stream (its first item is the ticket) ->
+prefill.prefill(ticket) -> the first token from prefill, the rest from decode's stream. With
+`overlap_prefill`, prefill.prefill(ticket_follows) goes first and the ticket follows (`attach`).
+With no PD pair available, mixed instances serve. A client that leaves aborts the request on
+both instances.
 
 Failures: a call that fails before the request's first token (the instance died, was replaced,
 or refused) marks that instance down (its record is deleted; it is not picked again until it
@@ -306,23 +308,31 @@ class PDBackend:
         trace.role, trace.replica = Role.DECODE.value, decode.instance_id
         # With overlap_prefill (and no tensor-parallel prefill), prefill starts computing while
         # decode reserves; the ticket follows (`attach`), and the first token waits for it.
+        # Decode answers `reserve` and then streams in one call (`reserve_stream`).
         follows = self.args.overlap_prefill and self.args.prefill.tensor_parallel_size == 1
-        reserve = self._handle(Role.DECODE).reserve.remote(
-            attempt_id, prompt, params.to_dict(), replica_id=decode.instance_id
-        )
         prefill_call = self._handle(Role.PREFILL).options(stream=True).prefill
-        if follows:
+        if follows:  # sent first: the prompt's compute is the longest part of the first token
             prefill_items = prefill_call.remote(
                 attempt_id, prompt, params.to_dict(), None, replica_id=prefill.instance_id,
                 ticket_follows=True,
             )  # fmt: skip
+        decode_items = (
+            self._handle(Role.DECODE)
+            .options(stream=True)
+            .reserve_stream.remote(
+                attempt_id, prompt, params.to_dict(), replica_id=decode.instance_id
+            )
+        )
+        decode_outputs = _guard(decode_items, decode)
         try:
-            ticket = await _call(reserve, decode)
+            ticket = await _reserved(decode_outputs, decode)
             if ticket is None:
                 raise _InstanceFull(decode)  # the cleanup aborts the prefill request too
         except BaseException:
             if follows:
                 prefill_items.cancel()  # never read: cancel it rather than leave it to GC
+            with contextlib.suppress(BaseException):
+                await decode_outputs.aclose()  # cancels the call
             raise
         trace.mark(Span.RESERVED)
         if follows:
@@ -331,13 +341,8 @@ class PDBackend:
             prefill_items = prefill_call.remote(
                 attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
             )
-        decode_outputs = (
-            self._handle(Role.DECODE)
-            .options(stream=True)
-            .stream.remote(attempt_id, replica_id=decode.instance_id)
-        )
         outputs = pd_outputs(
-            _cancelling(prefill_items), _guard(decode_outputs, decode), params, sent,
+            _cancelling(prefill_items), decode_outputs, params, sent,
             functools.partial(self._prefill_ended, prefill, attempt_id), trace.observe,
         )  # fmt: skip
         try:
@@ -456,13 +461,16 @@ class _InstanceFailed(RuntimeError):
         self.role = instance.role
 
 
-async def _call(response, instance: InstanceRecord):
+async def _reserved(decode_outputs, instance: InstanceRecord) -> dict | None:
+    """The first item of decode's `reserve_stream` (`_guard`ed): its ticket, or None (no room)."""
     try:
-        return await asyncio.wait_for(response, _RESERVE_TIMEOUT_S)
-    except Exception as e:  # timeout, replica death, or an error it raised
-        if _is_user_error(e):  # bad input: the replica is fine, and so is every other one
-            raise ValueError(str(_user_error(e))) from None
-        raise _InstanceFailed(instance, _brief(e)) from None
+        return await asyncio.wait_for(anext(decode_outputs), _RESERVE_TIMEOUT_S)
+    except StopAsyncIteration:
+        raise _InstanceFailed(instance, "its stream ended before it answered reserve") from None
+    except asyncio.TimeoutError:
+        raise _InstanceFailed(
+            instance, f"TimeoutError: no answer to reserve within {_RESERVE_TIMEOUT_S:g} s"
+        ) from None
 
 
 async def _cancelling(gen):

@@ -32,10 +32,11 @@ STATUSES: list[str] = []  # the `requests` metric's status of each request that 
 
 
 class _Method:
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, calls: list[str], name: str):
+        self.fn, self.calls, self.name = fn, calls, name
 
     def remote(self, *args, replica_id: str, **kwargs):
+        self.calls.append(self.name)
         call = self.fn(replica_id, *args, **kwargs)  # sent now, like a Serve handle's call
         return asyncio.ensure_future(call) if asyncio.iscoroutine(call) else _Stream(call)
 
@@ -81,12 +82,13 @@ class FakeInstances:
         self.abort_own: set[str] = set()  # decode instances that end streams with their own abort
         self.prefill_aborts = False  # prefill ends its stream with an abort after the first token
         self.prefill_dies: Exception | None = None  # raised by prefill after the first token
+        self.calls: list[str] = []  # the methods called (`remote`), in order
 
     def options(self, **_):
         return self
 
     def __getattr__(self, name):
-        return _Method(getattr(self, f"_{name}"))
+        return _Method(getattr(self, f"_{name}"), self.calls, name)
 
     async def _reserve(self, replica_id, request_id, prompt, params):
         if self.room[replica_id] is None:
@@ -96,6 +98,13 @@ class FakeInstances:
         self.room[replica_id] -= 1
         self.reserved.append(replica_id)
         return {"ticket": request_id}
+
+    async def _reserve_stream(self, replica_id, request_id, prompt, params):
+        ticket = await self._reserve(replica_id, request_id, prompt, params)
+        yield ticket
+        if ticket is not None:
+            async for output in self._stream(replica_id, request_id):
+                yield output
 
     async def _prefill(self, replica_id, request_id, prompt, params, ticket, ticket_follows=False):
         assert (
@@ -302,6 +311,7 @@ def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url, 
             checkpoint, redis_url, {"d0": 5}, app_name=f"first-{overlap}", overlap_prefill=overlap
         )
         decode = backend._handles[Role.DECODE]
+        backend._handles[Role.PREFILL].calls = decode.calls  # one record of both
         decode.hold_decode = asyncio.Event()  # decode has sent nothing yet
         stream = backend.generate("r", [1, 2], SamplingParams(max_tokens=2))
         first = await asyncio.wait_for(anext(stream), 5)
@@ -311,6 +321,10 @@ def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url, 
         assert _tokens([first, *rest]) == [[7], [7, 8]]  # decode's admission output dropped
         # with overlap, prefill got decode's ticket through `attach`; else with the call
         assert backend._handles[Role.PREFILL].attached == (["r"] if overlap else [])
+        # decode reserves and streams in one call; with overlap, prefill is called first
+        calls = [c for c in decode.calls if c != "abort"]
+        want = ["prefill", "reserve_stream", "attach"] if overlap else ["reserve_stream", "prefill"]
+        assert calls == want
         await backend.snapshot.stop()
 
     asyncio.run(main())
