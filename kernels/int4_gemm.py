@@ -4,11 +4,11 @@ Layout (pdray/quantization/int4.py): qweight uint8 [N, K // 2] (column 2j in the
 j, 2j + 1 in the high nibble), scales and zeros [N, K // g] in x's dtype, W = (code - zero) * scale,
 g in {32, 64, 128}. x [M, K] bf16/fp16, bias [N], out [M, N] in x's dtype; fp32 accumulation.
 Three paths, chosen from M alone (`Int4Path`):
-- `GEMV` (decode, M <= FMA_MAX_M): one program per (BLOCK_N rows, one row of x); the weight is
-  read as int32 words (eight codes) and decoded with the float trick: OR-ing nibble i of a word,
-  left in place, into the mantissa of 2^23 gives 2^23 + code * 16^(i % 4) exactly, so a code
-  costs a logic op, a subtraction and a multiply-add (x pre-scaled by 16^-(i % 4)); per group
-  the sum is scaled and the zero's share (zero * sum of x) taken off.
+- `GEMV` (decode, M <= FMA_MAX_M): one program per (BLOCK_N rows, one row of x); a thread reads
+  chunks of 1-4 int32 words (eight codes each) of one group. With v = 1 + code / 128, built by one
+  byte permute per code (the code under 1.0's exponent bits), sum (code - zero) x =
+  128 sum v x - (128 + zero) sum x: a code costs a permute and a multiply-add, a chunk's sums
+  are scaled once; x is read with 16-byte loads, and each step's loads are issued a step ahead.
 - `GEMM` (M up to PREFILL_MIN_M): a [BLOCK_N, group columns] tile is dequantized in registers to
   x's dtype, rounded as `dequantize` rounds, and fed to the tensor cores (`tl.dot`) against
   x's even and odd columns; `inline_asm` does that dequantization two codes per instruction
@@ -21,6 +21,7 @@ CUDA graph. Reference: `pdray.quantization.int4.int4_linear_reference`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -51,14 +52,16 @@ class Int4Config:
     num_warps: int
     num_stages: int
     inline_asm: bool = True  # decode codes with PTX (byte permutes; bf16x2/f16x2) on CUDA
+    words_per_chunk: int = 4  # GEMV: a thread's unit of 8-code words (1, 2 or 4)
 
 
 # Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels
-# (issue 17)"); block_groups counts groups of 128 columns (scaled for smaller groups).
-_GEMV_CONFIG = Int4Config(1, 16, 4, num_warps=4, num_stages=2)
-# Fewer rows, longer steps for layers of fewer output features (more programs over the GPU):
-# o 4096 x 4096 0.20 -> 0.245 of bandwidth, down 4096 x 14336 0.23 -> 0.315, qkv 0.285 -> 0.292
-_GEMV_CONFIG_NARROW = Int4Config(1, 8, 8, num_warps=4, num_stages=2)
+# (issue 17)"); block_groups counts groups of 128 columns (scaled for smaller groups). GEMV: the
+# best per layer of the sweep, 4 rows a program: 512 columns a step with 2 warps for gate_up
+# (28672 x 4096, 31.9 us), 1024 with 4 warps for layers under 16384 output features (qkv 10.1,
+# o 7.3, down 18.7 us).
+_GEMV_CONFIG = Int4Config(1, 4, 4, num_warps=2, num_stages=1)
+_GEMV_CONFIG_NARROW = Int4Config(1, 4, 8, num_warps=4, num_stages=1)
 _GEMV_NARROW_N = 16384
 _GEMM_CONFIGS: dict[int, Int4Config] = {
     16: Int4Config(16, 32, 2, num_warps=4, num_stages=3),
@@ -82,28 +85,18 @@ def default_config(path: Int4Path, m: int, group_size: int, n: int | None = None
         cfg = next((_GEMM_CONFIGS[lim] for lim in sorted(_GEMM_CONFIGS) if m <= lim), None)
         cfg = cfg or _GEMM_CONFIGS[max(_GEMM_CONFIGS)]
     groups = max(1, cfg.block_groups * 128 // group_size)
-    return Int4Config(cfg.block_m, cfg.block_n, groups, cfg.num_warps, cfg.num_stages,
-                      cfg.inline_asm)  # fmt: skip
+    return dataclasses.replace(cfg, block_groups=groups)
 
 
 # -- GEMV: one row of x, codes decoded as floats -----------------------------------------------
 
 
-@triton.jit
-def _nibble_fma(words, j: tl.constexpr, zero, x, acc):
-    """acc + (code - zero) * x for nibble j (0..3) of int32 `words` [R, G, W]; zero [R, G, 1] and x
-    [G, W] float32. The nibble OR-ed in place into 2^23 is c = 2^23 + code 16^j exactly, so
-    c 16^-j - (2^23 16^-j + zero) = code - zero is one exact fused multiply-add."""
-    c = ((words & (0xF << (4 * j))) | _MAGIC).to(tl.float32, bitcast=True)
-    code_minus_zero = c * (1.0 / (1 << (4 * j))) - (zero + 8388608.0 / (1 << (4 * j)))
-    return acc + code_minus_zero * x[None, :, :]
-
-
 _UNPACK8_ASM = tl.constexpr(
-    "{\n.reg .b32 lo, hi, m;\nmov.b32 m, 0x4B000000;\n"
-    "and.b32 lo, $8, 0x0F0F0F0F;\nshr.u32 hi, $8, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
+    "{\n.reg .b32 lo, hi, m;\nmov.b32 m, 0x3F000000;\n"
+    "lop3.b32 lo, $8, 0x0F0F0F0F, 0x80808080, 0xEA;\nshr.u32 hi, $8, 4;\n"
+    "lop3.b32 hi, hi, 0x0F0F0F0F, 0x80808080, 0xEA;\n"
     + "".join(
-        f"prmt.b32 ${2 * b}, lo, m, 0x744{b};\nprmt.b32 ${2 * b + 1}, hi, m, 0x744{b};\n"
+        f"prmt.b32 ${2 * b}, lo, m, 0x7{b}44;\nprmt.b32 ${2 * b + 1}, hi, m, 0x7{b}44;\n"
         for b in range(4)
     )  # fmt: skip
     + "}"
@@ -112,9 +105,10 @@ _UNPACK8_ASM = tl.constexpr(
 
 @triton.jit
 def _unpack8_asm(words):
-    """int32 words -> 8 float32 tensors 2^23 + code of nibble i, i = 0..7: nibbles masked into the
-    low bits of each byte, then one byte permute per code puts a code under the exponent of 2^23
-    (PTX prmt; CUDA only)."""
+    """int32 words -> 8 float32 tensors v_i = 1 + code_i / 128, code_i = nibble i (column 8w + i):
+    (byte & 0x0F) | 0x80 per byte (one lop3 for the low nibbles, a shift and one for the high),
+    then one byte permute per code puts that byte under 0x3F, 1.0's top byte: the 0x80 bit is the
+    low bit of 1.0's exponent and the code the top of its mantissa (PTX lop3/prmt; CUDA only)."""
     return tl.inline_asm_elementwise(
         _UNPACK8_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
         dtype=(tl.float32,) * 8, is_pure=True, pack=1,
@@ -122,8 +116,121 @@ def _unpack8_asm(words):
 
 
 @triton.jit
+def _code(words, i: tl.constexpr):
+    """1 + (nibble i of int32 `words`) / 128 without PTX (the interpreter, `inline_asm=False`)."""
+    return ((words >> (4 * i)) & 0xF).to(tl.float32) * (1.0 / 128) + 1.0
+
+
+@triton.jit
+def _load16_asm(ptr):
+    """Four int32 at a 16-byte aligned `ptr`, one 16-byte load (PTX; CUDA only). Triton would load
+    x's pairs as four 4-byte loads 64 bytes apart across a warp: four times the L1 wavefronts."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
+        dtype=(tl.int32,) * 4, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _pair_floats(p, X_BF16: tl.constexpr):
+    """int32 pair of x values (columns 2j, 2j + 1) -> two float32."""
+    if X_BF16:  # a bf16 is the top half of its float32
+        return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+    lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _x_word(x_pairs_ptr, pair, mask, INLINE_ASM: tl.constexpr):
+    """x pairs pair..pair + 3 (one word's 8 columns) as four int32 tensors."""
+    if INLINE_ASM:
+        return _load16_asm(x_pairs_ptr + pair)
+    p0 = tl.load(x_pairs_ptr + pair, mask=mask, other=0)
+    p1 = tl.load(x_pairs_ptr + pair + 1, mask=mask, other=0)
+    p2 = tl.load(x_pairs_ptr + pair + 2, mask=mask, other=0)
+    p3 = tl.load(x_pairs_ptr + pair + 3, mask=mask, other=0)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _word(words, xw, X_BF16: tl.constexpr, INLINE_ASM: tl.constexpr):
+    """(sum_i v_i x_i per element of int32 `words` [R, C], sum_i x_i [C]) over a word's 8 codes,
+    v_i = 1 + code_i / 128; `xw` = the word's x pairs (`_x_word`): byte b's low / high nibble is
+    pair b's low / high half."""
+    x0l, x0h = _pair_floats(xw[0], X_BF16)
+    x1l, x1h = _pair_floats(xw[1], X_BF16)
+    x2l, x2h = _pair_floats(xw[2], X_BF16)
+    x3l, x3h = _pair_floats(xw[3], X_BF16)
+    if INLINE_ASM:
+        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_asm(words)
+    else:
+        v0, v1, v2, v3 = _code(words, 0), _code(words, 1), _code(words, 2), _code(words, 3)
+        v4, v5, v6, v7 = _code(words, 4), _code(words, 5), _code(words, 6), _code(words, 7)
+    vx = v0 * x0l[None, :]
+    vx += v1 * x0h[None, :]
+    vx += v2 * x1l[None, :]
+    vx += v3 * x1h[None, :]
+    vx += v4 * x2l[None, :]
+    vx += v5 * x2h[None, :]
+    vx += v6 * x3l[None, :]
+    vx += v7 * x3h[None, :]
+    xs = ((x0l + x0h) + (x1l + x1h)) + ((x2l + x2h) + (x3l + x3h))
+    return vx, xs
+
+
+@triton.jit
+def _gemv_loads(q_rows, x_row, s_rows, z_rows, chunk, num_chunks,
+                CPG: tl.constexpr, WPC: tl.constexpr, INLINE_ASM: tl.constexpr):  # fmt: skip
+    """A step's operands: weight words [R, C, WPC] (0 past the last chunk), scales and zeros
+    [R, C] (float32; 0 past the last group), x pairs (WPC words x 4 int32 [C]; the unused words
+    repeat the first; read from the last chunk past it, cancelled by the zero scale)."""
+    cmask = chunk < num_chunks
+    kw = tl.arange(0, WPC)[None, None, :]
+    qw = tl.load(q_rows + (chunk * WPC)[None, :, None] + kw, mask=cmask[None, :, None], other=0)
+    grp = chunk // CPG
+    s = tl.load(s_rows + grp[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_rows + grp[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+    pair = tl.minimum(chunk, num_chunks - 1) * (4 * WPC)  # x pairs of the chunk's first word
+    x0 = _x_word(x_row, pair, cmask, INLINE_ASM)
+    x1, x2, x3 = x0, x0, x0
+    if WPC >= 2:
+        x1 = _x_word(x_row, pair + 4, cmask, INLINE_ASM)
+    if WPC == 4:
+        x2 = _x_word(x_row, pair + 8, cmask, INLINE_ASM)
+        x3 = _x_word(x_row, pair + 12, cmask, INLINE_ASM)
+    return qw, s, z, x0, x1, x2, x3
+
+
+@triton.jit
+def _gemv_step(acc, ops, X_BF16: tl.constexpr, INLINE_ASM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, WPC: tl.constexpr):  # fmt: skip
+    """acc [R, C] + one step's products (`ops` from `_gemv_loads`)."""
+    qw, s, z, x0, x1, x2, x3 = ops
+    if WPC == 1:
+        vx, xs = _word(tl.reshape(qw, [BLOCK_N, BLOCK_C]), x0, X_BF16, INLINE_ASM)
+    elif WPC == 2:
+        q0, q1 = tl.split(qw)
+        vx, xs = _word(q0, x0, X_BF16, INLINE_ASM)
+        vx1, xs1 = _word(q1, x1, X_BF16, INLINE_ASM)
+        vx += vx1
+        xs += xs1
+    else:
+        q_even, q_odd = tl.split(tl.reshape(qw, [BLOCK_N, BLOCK_C, 2, 2]))  # split: last dim
+        q0, q2 = tl.split(q_even)
+        q1, q3 = tl.split(q_odd)
+        vx, xs = _word(q0, x0, X_BF16, INLINE_ASM)
+        vx1, xs1 = _word(q1, x1, X_BF16, INLINE_ASM)
+        vx2, xs2 = _word(q2, x2, X_BF16, INLINE_ASM)
+        vx3, xs3 = _word(q3, x3, X_BF16, INLINE_ASM)
+        vx = (vx + vx1) + (vx2 + vx3)
+        xs = (xs + xs1) + (xs2 + xs3)
+    return acc + s * (128.0 * vx - (128.0 + z) * xs[None, :])
+
+
+@triton.jit
 def _int4_gemv_kernel(
-    x_ptr,  # [M, K]
+    x_ptr,  # int32 view of x [M, K]: x at columns 2j, 2j + 1 in pair j (little-endian halves)
     q_ptr,  # int32 words [N, K // 8]: word w holds columns 8w..8w+7, column 8w+i in nibble i
     s_ptr,  # [N, K // GROUP]
     z_ptr,  # [N, K // GROUP]
@@ -131,78 +238,53 @@ def _int4_gemv_kernel(
     out_ptr,  # [M, N]
     N,
     num_groups,
-    stride_xm,
+    stride_xm,  # in pairs
     stride_qn,
     stride_sn,
     stride_om,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    EVEN_G: tl.constexpr,
     INLINE_ASM: tl.constexpr,
+    X_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    WPC: tl.constexpr,  # words per chunk: 1, 2 or 4
 ):
-    WPG: tl.constexpr = GROUP // 8  # words per group
+    """A program: BLOCK_N rows of W and one row of x, BLOCK_G groups of columns a step. A thread's
+    unit is a chunk of WPC words (8 WPC codes of one group, one 4-16 byte load); the x of a chunk
+    is WPC 16-byte loads 16 WPC bytes apart across a warp, so the fewer words a chunk, the fewer
+    L1 wavefronts x costs (x's loads cost a third of the time at WPC 4), and the more scaling. With v_i = 1 + code_i /
+    128 (exact in float32), sum_i (code_i - zero) x_i = 128 sum_i v_i x_i - (128 + zero)
+    sum_i x_i: a code costs one byte permute and one multiply-add, a chunk's two sums are scaled
+    once, and sum_i x_i is shared by all rows. A step's loads are issued before the step before
+    it computes: two sets of operands in turn (the loop does two steps), so a load never waits
+    for the registers it overwrites (with one set rotated, the compiler put each load after the
+    math that freed its registers, and nothing overlapped; Triton itself pipelines only loads
+    that feed tl.dot). x is loaded per chunk (1-D, fewer elements than threads), so Triton
+    loads it straight into the layout the math uses, with no trip through shared memory."""
+    CPG: tl.constexpr = GROUP // (8 * WPC)  # chunks per group
+    BLOCK_C: tl.constexpr = BLOCK_G * CPG  # chunks per step
     num_rows = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
     row = (tl.program_id(0) % num_rows).to(tl.int64)
     rn = (tl.program_id(0) // num_rows) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N re-read row N - 1, never stored
-    gi = tl.arange(0, BLOCK_G)
-    wi = tl.arange(0, WPG)
+    ci = tl.arange(0, BLOCK_C)
     x_row = x_ptr + row * stride_xm
     q_rows = q_ptr + rows[:, None, None] * stride_qn
-    acc = tl.zeros([BLOCK_N, BLOCK_G, WPG], tl.float32)
-    for g0 in range(0, num_groups, BLOCK_G):
-        g = g0 + gi  # [BLOCK_G]
-        word = g[:, None] * WPG + wi[None, :]  # [BLOCK_G, WPG]
-        sz_offs = rows[:, None] * stride_sn + g[None, :]
-        if EVEN_G:
-            qw = tl.load(q_rows + word[None, :, :])
-            s = tl.load(s_ptr + sz_offs).to(tl.float32)
-            z = tl.load(z_ptr + sz_offs).to(tl.float32)
-        else:
-            gmask = g < num_groups
-            qw = tl.load(q_rows + word[None, :, :], mask=gmask[None, :, None], other=0)
-            s = tl.load(s_ptr + sz_offs, mask=gmask[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_offs, mask=gmask[None, :], other=0.0).to(tl.float32)
-        # x of the step as [group, word, nibble] (one 16-byte load per word), split per nibble
-        x_offs = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        if EVEN_G:
-            x8 = tl.load(x_row + x_offs).to(tl.float32)
-        else:
-            x8 = tl.load(x_row + x_offs, mask=gmask[:, None, None], other=0.0).to(tl.float32)
-        x_c0, x_c1 = tl.split(tl.reshape(x8, [BLOCK_G, WPG, 2, 2, 2]))  # nibble 4a + 2b + c
-        x_00, x_01 = tl.split(x_c0)
-        x_10, x_11 = tl.split(x_c1)
-        x0, x4 = tl.split(x_00)
-        x2, x6 = tl.split(x_01)
-        x1, x5 = tl.split(x_10)
-        x3, x7 = tl.split(x_11)
-        zb = z[:, :, None]
-        if INLINE_ASM:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8_asm(qw)
-            zz = zb + 8388608.0
-            cx = (c0 - zz) * x0[None, :, :]
-            cx += (c1 - zz) * x1[None, :, :]
-            cx += (c2 - zz) * x2[None, :, :]
-            cx += (c3 - zz) * x3[None, :, :]
-            cx += (c4 - zz) * x4[None, :, :]
-            cx += (c5 - zz) * x5[None, :, :]
-            cx += (c6 - zz) * x6[None, :, :]
-            cx += (c7 - zz) * x7[None, :, :]
-        else:
-            qh = qw >> 16  # nibbles 4..7 moved to 0..3 (the sign bits are masked off)
-            cx = _nibble_fma(qw, 0, zb, x0, tl.zeros([BLOCK_N, BLOCK_G, WPG], tl.float32))
-            cx = _nibble_fma(qw, 1, zb, x1, cx)
-            cx = _nibble_fma(qw, 2, zb, x2, cx)
-            cx = _nibble_fma(qw, 3, zb, x3, cx)
-            cx = _nibble_fma(qh, 0, zb, x4, cx)
-            cx = _nibble_fma(qh, 1, zb, x5, cx)
-            cx = _nibble_fma(qh, 2, zb, x6, cx)
-            cx = _nibble_fma(qh, 3, zb, x7, cx)
-        acc += s[:, :, None] * cx  # per word; reduced over K once, after the loop
-    acc2 = tl.sum(acc, 2)
-    out = tl.sum(acc2, 1)
+    s_rows = s_ptr + rows[:, None] * stride_sn
+    z_rows = z_ptr + rows[:, None] * stride_sn
+    num_chunks = num_groups * CPG
+    ops_a = _gemv_loads(q_rows, x_row, s_rows, z_rows, ci, num_chunks, CPG, WPC, INLINE_ASM)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for c0 in range(0, num_chunks, 2 * BLOCK_C):
+        chunk = c0 + ci  # [BLOCK_C]
+        ops_b = _gemv_loads(q_rows, x_row, s_rows, z_rows, chunk + BLOCK_C, num_chunks, CPG,
+                            WPC, INLINE_ASM)  # fmt: skip
+        acc = _gemv_step(acc, ops_a, X_BF16, INLINE_ASM, BLOCK_N, BLOCK_C, WPC)
+        ops_a = _gemv_loads(q_rows, x_row, s_rows, z_rows, chunk + 2 * BLOCK_C, num_chunks, CPG,
+                            WPC, INLINE_ASM)  # fmt: skip
+        acc = _gemv_step(acc, ops_b, X_BF16, INLINE_ASM, BLOCK_N, BLOCK_C, WPC)
+    out = tl.sum(acc, 1)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(out_ptr + row * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
@@ -440,11 +522,15 @@ def int4_linear(
         if qweight.stride(0) % 4 or qweight.storage_offset() % 4:
             qweight = qweight.contiguous()
         words = qweight.view(torch.int32)
+        if x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte loads of x
+            x2 = x2.clone(memory_format=torch.contiguous_format)
+        x_pairs = x2.view(torch.int32)
         grid = (m * triton.cdiv(n, cfg.block_n),)
         _int4_gemv_kernel[grid](
-            x2, words, scales, zeros, bias_arg, out, n, num_groups,
-            x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-            INLINE_ASM=cfg.inline_asm and x.is_cuda, **common,
+            x_pairs, words, scales, zeros, bias_arg, out, n, num_groups,
+            x_pairs.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+            INLINE_ASM=cfg.inline_asm and x.is_cuda, X_BF16=x.dtype == torch.bfloat16,
+            WPC=cfg.words_per_chunk, **{k: v for k, v in common.items() if k != "EVEN_G"},
         )  # fmt: skip
     else:
         block_m = max(16, cfg.block_m)

@@ -211,9 +211,17 @@ def tune_grid(m: int) -> dict[str, list[tuple]]:
     if m == 1:
         sizes = [(bn, bk) for bk in (512, 1024) for bn in (4, 8, 16)]
         grid["gemv"] += [(1, bn, bk, False, w, 3) for bn, bk in sizes for w in (4, 8)]
-        grid["int4_gemv"] += [(1, bn, bg, 2 if bn < 32 else 4, 2) for bn in (8, 16, 32)
-                              for bg in (2, 4, 8)]  # fmt: skip
-        grid["int4_gemv"] += [(1, 16, 4, 2, 1), (1, 16, 4, 4, 2), (1, 16, 4, 2, 2, False)]
+        # int4 GEMV (words per chunk c): a step's x chunks (bg * 16 / c) at most half the
+        # threads (else Triton routes x through shared memory), 1-8 chunks of rows per thread
+        grid["int4_gemv"] += [
+            (1, bn, bg, w, 1, True, c)
+            for c in (1, 2, 4)
+            for bn in (4, 8, 16, 32)
+            for bg in (1, 2, 4, 8)
+            for w in (2, 4, 8)
+            if bg * 16 // c <= 16 * w and 32 * w <= bn * bg * 16 // c <= 256 * w
+        ]
+        grid["int4_gemv"] += [(1, 16, 4, 4, 1, False)]
         return grid
     if m <= 4:
         fma_m = 1 << (m - 1).bit_length()

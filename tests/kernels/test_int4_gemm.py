@@ -74,7 +74,9 @@ def test_every_path_at_every_m(device, dtype, group_size, m, path):
     x = torch.randn(2, m, 384, generator=gen).to(device, dtype)
     configs = [None]
     if path == "gemv":
-        configs.append(Int4Config(1, 8, 2, 4, 2, inline_asm=False))
+        configs += [Int4Config(1, 8, 2, 4, 2, inline_asm=False),
+                    Int4Config(1, 4, 1, 2, 1, inline_asm=not INTERPRET, words_per_chunk=1),
+                    Int4Config(1, 16, 2, 4, 1, inline_asm=not INTERPRET, words_per_chunk=2)]  # fmt: skip
     if path == "gemm":
         configs += [Int4Config(16, 16, 1, 4, 2, inline_asm=not INTERPRET),
                     Int4Config(32, 32, 2, 4, 2, inline_asm=False)]  # fmt: skip
