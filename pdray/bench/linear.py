@@ -40,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-m", type=int, nargs="+", default=[8192])
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench time per case")
     parser.add_argument("--tune", action="store_true", help="sweep block sizes instead")
+    parser.add_argument(
+        "--tune-kernels",
+        nargs="+",
+        default=["gemv", "int4_gemv", "int4_gemm"],
+        choices=["gemv", "int4_gemv", "int4_gemm"],
+        help="what --tune sweeps",
+    )
     parser.add_argument("--out", default="bench_linear.json")
     args = parser.parse_args(argv)
     for m in [*args.decode_m, *args.prefill_m]:
@@ -209,8 +216,8 @@ def tune_grid(m: int) -> dict[str, list[tuple]]:
         grid["int4_gemm"] += [(64, 64, 1, 4, 3, False), (128, 64, 1, 8, 3)]
         return grid
     if m == 1:
-        sizes = [(bn, bk) for bk in (512, 1024) for bn in (4, 8, 16)]
-        grid["gemv"] += [(1, bn, bk, False, w, 3) for bn, bk in sizes for w in (4, 8)]
+        sizes = [(bn, bk) for bk in (512, 1024, 2048) for bn in (2, 4, 8)]
+        grid["gemv"] += [(1, bn, bk, False, w, 3) for bn, bk in sizes for w in (2, 4, 8)]
         # int4 GEMV (words per chunk c): a step's x chunks (bg * 16 / c) at most half the
         # threads (else Triton routes x through shared memory), 1-8 chunks of rows per thread
         grid["int4_gemv"] += [
@@ -235,13 +242,15 @@ def tune_grid(m: int) -> dict[str, list[tuple]]:
     return grid
 
 
-def tune(ms_values: list[int], read_gbps: float, rep_ms: float = 10.0) -> list[dict]:
+def tune(
+    ms_values: list[int], read_gbps: float, rep_ms: float = 10.0, kernels: tuple = ()
+) -> list[dict]:
     """Each candidate of `tune_grid` on the four layer shapes at each M: the summed layer time
     and its fraction of bandwidth (one layer of each shape), printed per kernel and M, best first."""
     from pdray.kernels.gemv import GemvConfig, linear
     from pdray.kernels.int4_gemm import Int4Config, Int4Path, int4_linear
 
-    kernels = {
+    makers = {
         "gemv": (False, lambda c: lambda x, w, out: linear(x, w, out=out, config=GemvConfig(*c))),
         "int4_gemv": (True, lambda c: lambda x, q, out: int4_linear(
             x, q, out=out, path=Int4Path.GEMV, config=Int4Config(*c))),
@@ -255,7 +264,9 @@ def tune(ms_values: list[int], read_gbps: float, rep_ms: float = 10.0) -> list[d
                    for i4 in (False, True)}  # fmt: skip
         for m in ms_values:
             for kernel, configs in tune_grid(m).items():
-                int4, make = kernels[kernel]
+                if kernels and kernel not in kernels:
+                    continue
+                int4, make = makers[kernel]
                 for c in configs:
                     try:
                         t = time_case(m, weights[int4], make(c), rep_ms, gen)
@@ -267,6 +278,8 @@ def tune(ms_values: list[int], read_gbps: float, rep_ms: float = 10.0) -> list[d
     rows = []
     for m in ms_values:
         for kernel, configs in tune_grid(m).items():
+            if kernels and kernel not in kernels:
+                continue
             results = []
             for c in configs:
                 ts = [times[(kernel, m, c, name)] for name in LAYERS]
@@ -298,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"gpu": torch.cuda.get_device_name(), "read_bandwidth_gbps": read_gbps,
                     "matmul_tflops": matmul_tflops}  # fmt: skip
     if args.tune:
-        result["tune"] = tune(args.decode_m, read_gbps)
+        result["tune"] = tune(args.decode_m, read_gbps, kernels=tuple(args.tune_kernels))
     else:
         decode = bench_decode(args.decode_m, read_gbps, args.rep_ms)
         model = [*model_rows(decode, "cublas", "cublas"), *model_rows(decode, "gemv", "gemv"),
