@@ -34,6 +34,7 @@ from pdray.quantization.int4 import dequantize as reference_dequantize
 
 FMA_MAX_M = 1  # GEMV up to here, GEMM above
 PREFILL_MIN_M = 256  # DEQUANT_MATMUL from here
+_SCRATCH_ELEMENTS = 1 << 27  # DEQUANT_MATMUL's weight scratch: 256 MB of bf16 at most
 _DTYPES = (torch.bfloat16, torch.float16)
 _MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
 
@@ -505,11 +506,20 @@ def int4_linear(
         return out.reshape(*lead, n)
     path = path or choose_path(m)
     if path is Int4Path.DEQUANT_MATMUL:
-        w = dequantize(q, x.dtype)
-        if bias is None:
-            torch.mm(x2, w.t(), out=out)
-        else:
-            torch.addmm(bias, x2, w.t(), out=out)
+        # at most _SCRATCH_ELEMENTS of dequantized weight at a time (an int4 LM head would
+        # otherwise take a 1 GB scratch): a slice of rows, its columns of out
+        rows = max(1, _SCRATCH_ELEMENTS // k)
+        for n0 in range(0, n, rows):
+            part = Int4Weight(*(t[n0 : n0 + rows] for t in (q.qweight, q.scales, q.zeros)))
+            w = dequantize(part, x.dtype).t()
+            dst = out if rows >= n else torch.empty((m, w.shape[1]), dtype=x.dtype,
+                                                    device=x.device)  # fmt: skip
+            if bias is None:
+                torch.mm(x2, w, out=dst)
+            else:
+                torch.addmm(bias[n0 : n0 + rows], x2, w, out=dst)
+            if dst is not out:
+                out[:, n0 : n0 + rows].copy_(dst)
         return out.reshape(*lead, n)
     qweight, scales, zeros = (_unit_stride(t) for t in (q.qweight, q.scales, q.zeros))
     group, num_groups = q.group_size, scales.shape[1]

@@ -62,6 +62,10 @@ class EngineConfig:
     # "wint4": full-precision checkpoints are quantized to int4 at load (round to nearest, per
     # group of 128 input features, else 64 or 32; docs/quantization.md)
     quantization: Quantization | None = None
+    # With int4 linear layers (wint4 or an AWQ/GPTQ checkpoint): the LM head too, round to
+    # nearest at load (an untied head's full-precision weight is freed; a tied one stays the
+    # embedding's). Off by default: the head is the layer most sensitive to rounding.
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", _as_role(self.role))
@@ -105,6 +109,8 @@ class EngineConfig:
             raise bad("num_kv_blocks", "must be a positive integer or None")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise bad("kv_cache_memory_bytes", "must be a positive integer or None")
+        if not isinstance(self.quantize_lm_head, bool):
+            raise bad("quantize_lm_head", "must be true or false")
 
     def replace(self, **changes) -> EngineConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -132,7 +132,7 @@ def model_counts(runner: ModelRunner) -> dict[str, int]:
     return {
         "weight_read_bytes": read_bytes,
         "linear_params": linear_params,
-        "lm_head_params": runner.model.lm_head.weight.numel(),  # this rank's vocab slice
+        "lm_head_params": runner.model.lm_head.shard_size * runner.model.lm_head.hidden_size,
         "kv_bytes_per_token": 2
         * len(runner.attention_layers)
         * layer.num_kv_heads
@@ -444,6 +444,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bytes; no transformers baseline)",
     )
     parser.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="with --quantization wint4: the LM head in int4 too (engine quantize_lm_head)",
+    )
+    parser.add_argument(
         "--no-fused-ops",
         action="store_true",
         help="plain-torch RMSNorm/rotary/SiLU (for comparison)",
@@ -520,6 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_num_batched_tokens=max(args.prefill_lens),
         tensor_parallel_size=tp,
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
     )
     runner = ModelRunner(config)  # with tp > 1, also starts the follower ranks
     try:
@@ -549,6 +555,7 @@ def run_benchmarks(args, runner: ModelRunner, read_gbps: float, matmul_tflops: f
         "model": args.model,
         "dtype": str(runner.dtype),
         "quantization": config.quantization.value if config.quantization else None,
+        "quantize_lm_head": config.quantize_lm_head,
         "fused_ops": not args.no_fused_ops,
         "tensor_parallel_size": tp,
         "read_bandwidth_gbps": read_gbps,

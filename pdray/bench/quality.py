@@ -14,7 +14,9 @@
 Schemes are round-to-nearest int4 per group: `asymmetric` (zero and scale from the group's min
 and max: what `quantization="wint4"` does, measured through the engine as users run it) and
 `symmetric` (zero 8, scale max|w| / 7; not an engine option: measured by quantizing an eager
-unquantized engine's linear layers in place, one rank). docs/quantization.md has the figures.
+unquantized engine's linear layers in place, one rank), and `asymmetric+lm_head` (wint4 with the
+engine argument `quantize_lm_head`: the LM head in int4 too). docs/quantization.md has the
+figures.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Scheme(str, enum.Enum):
 
     ASYMMETRIC = "asymmetric"  # what quantization="wint4" runs (Int4Spec's default)
     SYMMETRIC = "symmetric"  # measured by quantizing an unquantized engine's layers in place
+    ASYMMETRIC_LM_HEAD = "asymmetric+lm_head"  # wint4 with quantize_lm_head=True
 
     def __str__(self) -> str:  # as argparse shows the choices
         return self.value
@@ -117,8 +120,9 @@ def _engine(args, scheme: Scheme | None) -> LLM:
         "seed": args.seed,
         "num_kv_blocks": args.num_kv_blocks,
     }
-    if scheme is Scheme.ASYMMETRIC:
-        return LLM(args.model, quantization=Quantization.WINT4, **kwargs)
+    if scheme in (Scheme.ASYMMETRIC, Scheme.ASYMMETRIC_LM_HEAD):
+        head = scheme is Scheme.ASYMMETRIC_LM_HEAD
+        return LLM(args.model, quantization=Quantization.WINT4, quantize_lm_head=head, **kwargs)
     llm = LLM(args.model, enforce_eager=scheme is not None, **kwargs)
     if scheme is Scheme.SYMMETRIC:  # one rank, eager: no CUDA graph holds the old weights
         spec = Int4Spec(Int4Source.RTN, symmetric=True)

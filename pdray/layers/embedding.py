@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdray.quantization.int4 import Int4Weight, quantize
+from pdray.quantization.linear import int4_linear, set_int4_params
+from pdray.quantization.spec import Int4Spec
 from pdray.worker.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
@@ -13,6 +16,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
         self.shard_size = -(-vocab_size // tp_size())
         self.vocab_start = tp_rank() * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
@@ -42,6 +46,24 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    """The vocab slice's logits; after `quantize`, from an int4 copy of the weight."""
+
+    int4_group_size: int | None = None  # set by `quantize`
+
+    def quantize(self, int4: Int4Spec, tied: bool) -> None:
+        """Replace the loaded weight by its round-to-nearest int4 `qweight`, `scales`, `zeros`
+        (pdray/quantization/int4.py) for the head's matmul; `tied`: the weight is also the
+        embedding's and stays, else it is freed."""
+        group = int4.group_size_for(self.weight.shape[1], type(self).__name__)
+        set_int4_params(self, quantize(self.weight.data, group, int4.symmetric))
+        self.int4_group_size = group
+        if not tied:
+            self.weight = None  # registered as no parameter: the full-precision head is gone
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        if self.int4_group_size is None:
+            logits = F.linear(hidden, self.weight)
+        else:
+            logits = int4_linear(hidden, Int4Weight(self.qweight, self.scales, self.zeros))
+        logits = all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -26,7 +26,7 @@ from pdray.layers.linear import quantize_linear_layers
 from pdray.models.config import ModelArch, read_config_json
 from pdray.models.registry import Family, resolve_architecture
 from pdray.quantization.checkpoint import Int4CheckpointReader
-from pdray.quantization.spec import resolve_int4_spec
+from pdray.quantization.spec import Int4Source, Int4Spec, resolve_int4_spec
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,16 @@ def build_model(
     device: torch.device,
     seed: int = 0,
     quantization: Quantization | None = None,
+    quantize_lm_head: bool = False,
 ) -> nn.Module:
     """The model with its weights; `quantization` is the engine argument (an AWQ/GPTQ
-    checkpoint is int4 whatever it says)."""
+    checkpoint is int4 whatever it says); `quantize_lm_head` rounds the LM head to int4 too."""
     int4 = resolve_int4_spec(arch.int4_checkpoint, quantization)
+    if quantize_lm_head and int4 is None:
+        raise ValueError(
+            "quantize_lm_head quantizes the LM head of an int4 model: set quantization='wint4' "
+            "(or load an AWQ/GPTQ int4 checkpoint), or leave quantize_lm_head off"
+        )
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -76,6 +82,9 @@ def build_model(
     else:
         load_weights(module, Path(model))
     quantize_linear_layers(module)
+    if quantize_lm_head:  # round to nearest, also for a checkpoint whose layers came in int4
+        head_spec = int4 if int4.quantize_at_load else Int4Spec(Int4Source.RTN)
+        module.lm_head.quantize(head_spec, tied=arch.tie_word_embeddings)
     return module.eval()
 
 

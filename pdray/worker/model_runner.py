@@ -100,7 +100,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = build_model(
             config.model, family, self.arch, self.dtype, self.device, config.seed,
-            quantization=config.quantization,
+            quantization=config.quantization, quantize_lm_head=config.quantize_lm_head,
         )  # fmt: skip
         self.attention_layers = self.model.attention_layers()
         self.backend = get_attention_backend(

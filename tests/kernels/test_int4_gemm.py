@@ -87,6 +87,27 @@ def test_every_path_at_every_m(device, dtype, group_size, m, path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_dequant_matmul_in_slices_of_rows(device, dtype, monkeypatch):
+    """DEQUANT_MATMUL with a weight larger than its scratch: slices of 20 rows (48 = 20 + 20 + 8),
+    with a bias, within the bounds of the whole product (and close to the one-piece result:
+    cuBLAS may round a narrower matmul differently)."""
+    from pdray.kernels import int4_gemm
+
+    gen = torch.Generator().manual_seed(3)
+    q = _weight(gen, 48, 384, 128, dtype, device)
+    x = torch.randn(300, 384, generator=gen).to(device, dtype)
+    bias = torch.randn(48, generator=gen).to(device, dtype)
+    whole = int4_gemm.int4_linear(x, q, bias, path=int4_gemm.Int4Path.DEQUANT_MATMUL)
+    monkeypatch.setattr(int4_gemm, "_SCRATCH_ELEMENTS", 20 * 384)
+    out = torch.full((300, 48), float("nan"), dtype=dtype, device=device)
+    got = int4_gemm.int4_linear(x, q, bias, out=out, path=int4_gemm.Int4Path.DEQUANT_MATMUL)
+    assert got.data_ptr() == out.data_ptr()
+    assert not got.isnan().any()
+    _check(got, x, q, bias, dtype, int4_gemm.Int4Path.DEQUANT_MATMUL)
+    assert rel_error(got, whole) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_dequantize_equals_the_reference(device, dtype, group_size):
     from pdray.kernels.int4_gemm import dequantize as dequantize_kernel

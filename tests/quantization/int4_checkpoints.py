@@ -133,16 +133,26 @@ def write_int4_checkpoints(
     (int4_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_rtn_reference(src: Path, dst: Path, group_size_of, symmetric: bool = False) -> None:
+def write_rtn_reference(
+    src: Path, dst: Path, group_size_of, symmetric: bool = False, lm_head: bool = False
+) -> None:
     """`src` with each linear weight W replaced by its round-to-nearest int4 dequantized, in
-    groups of `group_size_of(in_features)`: what a wint4 engine (one rank) must compute."""
-    _copy_aux(src, dst)
+    groups of `group_size_of(in_features)`: what a wint4 engine (one rank) must compute. With
+    `lm_head` the LM head too (`quantize_lm_head`); a tied head becomes its own tensor, the
+    embedding staying full precision."""
+    config = _copy_aux(src, dst)
     tensors = load_file(src / "model.safetensors")
-    out = {}
-    for name, tensor in tensors.items():
-        if is_linear_weight(name):
-            g = group_size_of(tensor.shape[1])
-            codes, zeros, scales = rtn(tensor, g, symmetric)
-            tensor = dequantized(codes, zeros, scales, g)
-        out[name] = tensor
+
+    def rounded(tensor):
+        g = group_size_of(tensor.shape[1])
+        codes, zeros, scales = rtn(tensor, g, symmetric)
+        return dequantized(codes, zeros, scales, g)
+
+    out = {name: rounded(t) if is_linear_weight(name) else t for name, t in tensors.items()}
+    if lm_head:
+        out["lm_head.weight"] = rounded(tensors.get("lm_head.weight",
+                                                    tensors["model.embed_tokens.weight"]))  # fmt: skip
+        if config.get("tie_word_embeddings"):
+            config["tie_word_embeddings"] = False
+            (dst / "config.json").write_text(json.dumps(config, indent=2))
     save_file(out, dst / "model.safetensors")

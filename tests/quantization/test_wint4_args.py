@@ -44,9 +44,14 @@ def test_bad_quantization_fails_at_start(role_args, message):
 def test_benchmarks_take_quantization():
     assert bench_engine.parse_args(["--quantization", "wint4"]).quantization == "wint4"
     assert bench_engine.parse_args([]).quantization is None
+    assert not bench_engine.parse_args([]).quantize_lm_head
+    assert bench_engine.parse_args(
+        ["--quantization", "wint4", "--quantize-lm-head"]
+    ).quantize_lm_head
     with pytest.raises(SystemExit):
         bench_engine.parse_args(["--quantization", "int3"])
     args = quality.parse_args(["--model", "dummy:tiny", "--quantization", "wint4"])
-    assert args.schemes == [quality.Scheme.ASYMMETRIC, quality.Scheme.SYMMETRIC]
+    assert args.schemes == [quality.Scheme.ASYMMETRIC, quality.Scheme.SYMMETRIC,
+                            quality.Scheme.ASYMMETRIC_LM_HEAD]  # fmt: skip
     assert args.num_kv_blocks > 0
     assert quality.parse_args(["--schemes", "symmetric"]).schemes == [quality.Scheme.SYMMETRIC]

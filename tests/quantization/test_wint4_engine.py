@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from int4_checkpoints import write_rtn_reference
-from reference_check import assert_matches_dequantized, int4_group_sizes
+from reference_check import (
+    LOGPROB_ATOL,
+    SCORED_PROMPT,
+    assert_matches_dequantized,
+    hf_logprobs,
+    int4_group_sizes,
+)
 from test_parity import assert_no_leak, greedy, make_prompts
 
 from pdray import LLM, SamplingParams
@@ -43,6 +49,35 @@ def test_wint4_equals_dequantized_reference(checkpoint, tmp_path, llama_wint4, f
     assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("family", ["llama3", "llama3.2"])  # LM head untied, tied
+def test_quantized_lm_head_equals_dequantized_reference(checkpoint, tmp_path, family):
+    """quantize_lm_head: the head's logits come from its int4 copy (the reference rounds it
+    too); an untied head's full-precision weight is freed, a tied one stays the embedding's."""
+    path = checkpoint(family)
+    write_rtn_reference(path, tmp_path / "ref", choose_group_size, lm_head=True)
+    write_rtn_reference(path, tmp_path / "ref_full_head", choose_group_size)
+    with LLM(str(path), quantize_lm_head=True, **ENGINE) as llm:
+        model = llm.engine.runner.model
+        assert model.lm_head.int4_group_size == 64  # hidden 64
+        if family == "llama3":
+            assert model.lm_head.weight is None
+        else:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert_matches_dequantized(llm, tmp_path / "ref", full_precision=path)
+        assert_no_leak(llm)
+    # the check tells a rounded head from a full-precision one
+    gap = (hf_logprobs(tmp_path / "ref", SCORED_PROMPT)
+           - hf_logprobs(tmp_path / "ref_full_head", SCORED_PROMPT)).abs().max()  # fmt: skip
+    assert gap > 10 * LOGPROB_ATOL, f"rounding the LM head changed logprobs by only {gap}"
+
+
+def test_quantize_lm_head_needs_an_int4_model(checkpoint):
+    with pytest.raises(ValueError, match="quantize_lm_head quantizes the LM head of an int4"):
+        LLM(str(checkpoint("llama3")), device="cpu", dtype="float32", quantize_lm_head=True)
+    with pytest.raises(ValueError, match="`quantize_lm_head` must be true or false"):
+        LLM(str(checkpoint("llama3")), quantize_lm_head="yes", **ENGINE)
+
+
 def test_wint4_prefill_decode_pair_equals_mixed(llama_wint4):
     path, mixed = llama_wint4
     prompts = make_prompts(seed=5)
@@ -61,15 +96,18 @@ def test_wint4_prefill_decode_pair_equals_mixed(llama_wint4):
         decode.close()
 
 
-def test_wint4_tp2_equals_tp1(checkpoint):
+@pytest.mark.parametrize("quantize_lm_head", [False, True])
+def test_wint4_tp2_equals_tp1(checkpoint, quantize_lm_head):
     """Per-rank input features of 128 (hidden and intermediate 256 over 2 ranks): both sizes
-    quantize every layer in the same groups, so the tokens must be the same."""
+    quantize every layer in the same groups, so the tokens must be the same (an int4 LM head
+    too: each rank rounds its vocab rows, whole rows either way)."""
     path = checkpoint("llama3", hidden_size=256, intermediate_size=256)
     prompts = make_prompts(seed=11)
-    one = LLM(str(path), block_size=4, **ENGINE)
+    engine = {**ENGINE, "quantize_lm_head": quantize_lm_head}
+    one = LLM(str(path), block_size=4, **engine)
     assert int4_group_sizes(one.engine) == {128}
     expected = greedy(one, prompts)
-    with LLM(str(path), block_size=4, tensor_parallel_size=2, **ENGINE) as two:
+    with LLM(str(path), block_size=4, tensor_parallel_size=2, **engine) as two:
         assert int4_group_sizes(two.engine) == {128}
         assert greedy(two, prompts) == expected
         assert_no_leak(two)

@@ -27,9 +27,9 @@ def test_quality_run_on_a_tiny_checkpoint(checkpoint, tmp_path):
     ])  # fmt: skip
     assert out.is_file()
     rows = {f["scheme"]: f for f in result["figures"]}
-    assert set(rows) == {"unquantized", "asymmetric", "symmetric"}
+    assert set(rows) == {"unquantized", "asymmetric", "symmetric", "asymmetric+lm_head"}
     assert rows["unquantized"]["greedy_token_top1"] == 1.0  # its own greedy tokens
     assert rows["unquantized"]["mean_abs_logprob_diff"] == 0.0
-    for scheme in ("asymmetric", "symmetric"):
+    for scheme in ("asymmetric", "symmetric", "asymmetric+lm_head"):
         assert rows[scheme]["positions"] == 12
         assert rows[scheme]["mean_abs_logprob_diff"] > 0  # the weights did change
