@@ -7,6 +7,8 @@ bf16/fp16 ones agree to the last bit in almost every element.
 - `rms_norm(x, weight, eps, residual)`: optional residual add, then RMSNorm.
 - `silu_and_mul(x)`: [T, 2d] (gate | up) -> silu(gate) * up.
 - `rotary(positions, q, k, cos, sin, interleaved)`: rotary embedding of q and k in one launch.
+- `rotary_write_kv(...)`: the same, with k (rotated) and v written straight into the KV cache
+  (the attention layer's write, one launch for what took three).
 """
 
 from __future__ import annotations
@@ -75,41 +77,76 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(
-    pos_ptr, x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, num_heads,
-    HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr,
-):  # fmt: skip
-    token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)[:, None]
-    f = tl.arange(0, BLOCK_F)[None, :]
+def _rotate_heads(src, stride_h, dst, num_heads, h, f, cos, sin,
+                  HALF: tl.constexpr, INTERLEAVED: tl.constexpr):  # fmt: skip
+    """Rotate heads h [BLOCK_H, 1] of one token at `src` (stride_h between heads, unit stride
+    within) into `dst` (heads 2 HALF apart); f [1, BLOCK_F] indexes the rotated pairs."""
     mask = (h < num_heads) & (f < HALF)
-    cos = tl.load(cos_ptr + pos * HALF + f, mask=f < HALF, other=0.0)  # [1, BLOCK_F]
-    sin = tl.load(sin_ptr + pos * HALF + f, mask=f < HALF, other=0.0)
     if INTERLEAVED:
         i1, i2 = 2 * f, 2 * f + 1
     else:
         i1, i2 = f, f + HALF
-    src = x_ptr + token * stride_xt + h * stride_xh
-    x1 = tl.load(src + i1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + i2, mask=mask, other=0.0).to(tl.float32)
-    dst = out_ptr + token * (num_heads * 2 * HALF) + h * (2 * HALF)
-    ty = out_ptr.dtype.element_ty
-    tl.store(dst + i1, (x1 * cos - x2 * sin).to(ty), mask=mask)
-    tl.store(dst + i2, (x2 * cos + x1 * sin).to(ty), mask=mask)
+    x1 = tl.load(src + h * stride_h + i1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + h * stride_h + i2, mask=mask, other=0.0).to(tl.float32)
+    out = dst + h * (2 * HALF)
+    ty = dst.dtype.element_ty
+    tl.store(out + i1, (x1 * cos - x2 * sin).to(ty), mask=mask)
+    tl.store(out + i2, (x2 * cos + x1 * sin).to(ty), mask=mask)
 
 
-def _rotate(positions, x, cos, sin, interleaved: bool) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = x.shape
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=x.dtype, device=x.device)
+@triton.jit
+def _rotary_kernel(
+    pos_ptr, q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, slot_ptr, cos_ptr, sin_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, value_offset,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr, WRITE_KV: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """One token: q rotated into q_out [T, Hq, D]; k rotated into k_out [T, Hkv, D], or with
+    WRITE_KV into the cache slot of the token (k_out = the cache, v copied `value_offset`
+    further; slot < 0, a padded row, writes no KV)."""
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    f = tl.arange(0, BLOCK_F)[None, :]
+    cos = tl.load(cos_ptr + pos * HALF + f, mask=f < HALF, other=0.0)  # [1, BLOCK_F]
+    sin = tl.load(sin_ptr + pos * HALF + f, mask=f < HALF, other=0.0)
+    hq = tl.arange(0, BLOCK_HQ)[:, None]
+    q_dst = q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF)
+    _rotate_heads(q_ptr + token * stride_qt, stride_qh, q_dst, NUM_Q_HEADS, hq, f, cos, sin,
+                  HALF, INTERLEAVED)  # fmt: skip
+    hk = tl.arange(0, BLOCK_HKV)[:, None]
+    k_src = k_ptr + token * stride_kt
+    if WRITE_KV:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:
+            k_dst = k_out_ptr + slot * (NUM_KV_HEADS * 2 * HALF)
+            _rotate_heads(k_src, stride_kh, k_dst, NUM_KV_HEADS, hk, f, cos, sin, HALF,
+                          INTERLEAVED)  # fmt: skip
+            d = tl.arange(0, 2 * BLOCK_F)[None, :]
+            v_mask = (hk < NUM_KV_HEADS) & (d < 2 * HALF)
+            v = tl.load(v_ptr + token * stride_vt + hk * stride_vh + d, mask=v_mask)
+            tl.store(k_dst + value_offset + hk * (2 * HALF) + d, v, mask=v_mask)
+    else:
+        k_dst = k_out_ptr + token * (NUM_KV_HEADS * 2 * HALF)
+        _rotate_heads(k_src, stride_kh, k_dst, NUM_KV_HEADS, hk, f, cos, sin, HALF, INTERLEAVED)
+
+
+def _launch_rotary(positions, q, k, v, q_out, k_out, slots, cos, sin, interleaved,
+                   value_offset: int) -> None:  # fmt: skip
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
     if num_tokens:
         _rotary_kernel[(num_tokens,)](
-            positions, x, out, cos, sin, x.stride(0), x.stride(1), num_heads,
-            HALF=head_dim // 2, INTERLEAVED=interleaved,
-            BLOCK_H=triton.next_power_of_2(num_heads),
+            positions, q, k, v if v is not None else k, q_out, k_out,
+            slots if slots is not None else positions, cos, sin,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            (v if v is not None else k).stride(0), (v if v is not None else k).stride(1),
+            value_offset, NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+            HALF=head_dim // 2, INTERLEAVED=interleaved, WRITE_KV=slots is not None,
+            BLOCK_HQ=triton.next_power_of_2(num_heads),
+            BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
             BLOCK_F=triton.next_power_of_2(head_dim // 2),
         )  # fmt: skip
-    return out
 
 
 def rotary(
@@ -120,7 +157,35 @@ def rotary(
     sin: torch.Tensor,
     interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hkv, D] (last dim contiguous), cos/sin [P, D/2] float32 -> new q, k."""
-    return _rotate(positions, q, cos, sin, interleaved), _rotate(
-        positions, k, cos, sin, interleaved
+    """q [T, Hq, D], k [T, Hkv, D] (last dim contiguous), cos/sin [P, D/2] float32 -> new q, k
+    (one launch)."""
+    q_out, k_out = (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
     )
+    _launch_rotary(positions, q, k, None, q_out, k_out, None, cos, sin, interleaved, 0)
+    return q_out, k_out
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary` and `kernels.kv_write.write_kv` in one launch: k rotated and v stored straight
+    into kv_cache [2, N, B, Hkv, D] (contiguous) at slot_mapping (slots < 0 skipped); the
+    rotated q [T, Hq, D]."""
+    if not kv_cache.is_contiguous() or v.stride(2) != 1:
+        raise ValueError(
+            "rotary_write_kv needs a contiguous cache and V with a contiguous last dim"
+        )
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _launch_rotary(positions, q, k, v, q_out, kv_cache, slot_mapping, cos, sin, interleaved,
+                   kv_cache[0].numel())  # fmt: skip
+    return q_out

@@ -15,8 +15,12 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pdray.layers.rotary import RotaryEmbedding
 
 
 @dataclass(slots=True)
@@ -47,6 +51,22 @@ class AttentionBackend:
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value)
+
+    def rotate_and_write_kv(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rope: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Rotary embedding of query and key (`rope`), then `write_kv`; the rotated query.
+        Backends may do it in one kernel."""
+        query, key = rope(positions, query, key)
+        self.write_kv(key, value, kv_cache, meta)
+        return query
 
     def forward(
         self,

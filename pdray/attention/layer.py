@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pdray.attention.base import get_forward_context
+from pdray.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -27,10 +28,21 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache = torch.empty(0)  # bound by the model runner: [2, N, B, Hkv, D]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq * D]
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq * D]; with `rope`, q and k are rotated
+        first (at `positions`; with the KV write in one kernel where the backend can)."""
         ctx = get_forward_context()
-        ctx.backend.write_kv(k, v, self.kv_cache, ctx.meta)
+        if rope is None:
+            ctx.backend.write_kv(k, v, self.kv_cache, ctx.meta)
+        else:
+            q = ctx.backend.rotate_and_write_kv(positions, q, k, v, rope, self.kv_cache, ctx.meta)
         if ctx.on_layer_kv_written is not None:
             ctx.on_layer_kv_written(self.layer_idx)
         out = ctx.backend.forward(q, self.kv_cache, ctx.meta, self.scale, self.sliding_window)

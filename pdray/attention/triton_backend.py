@@ -20,6 +20,7 @@ from pdray.attention.torch_backend import gather_context
 from pdray.kernels.kv_write import write_kv
 from pdray.kernels.paged_decode import choose_num_splits, paged_decode_attention
 from pdray.kernels.paged_prefill import paged_prefill_attention
+from pdray.layers.fused import fused_ops
 
 SDPA_MIN_TOKENS = 1024
 
@@ -40,6 +41,14 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
     ) -> None:
         write_kv(key, value, kv_cache, meta.slot_mapping)
+
+    def rotate_and_write_kv(self, positions, query, key, value, rope, kv_cache, meta):
+        """One launch (`kernels.fused.rotary_write_kv`) unless the fused ops are turned off."""
+        fused = fused_ops(query)
+        if fused is None:
+            return super().rotate_and_write_kv(positions, query, key, value, rope, kv_cache, meta)
+        return fused.rotary_write_kv(positions, query, key, value, rope.cos, rope.sin,
+                                     rope.interleaved, kv_cache, meta.slot_mapping)  # fmt: skip
 
     def forward(
         self,

@@ -128,3 +128,41 @@ def test_rotary(device, dtype, interleaved, num_heads, num_kv_heads, head_dim, n
         _check(got_q, want_q, dtype, f"{name} q")
         _check(got_k, want_k, dtype, f"{name} k")
     assert torch.equal(qkv, qkv_before), "q or k was modified in place"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), ROTARY_SHAPES)
+@pytest.mark.parametrize("num_tokens", [1, 9])
+def test_rotary_write_kv(device, dtype, interleaved, num_heads, num_kv_heads, head_dim, num_tokens):
+    """Rotary and the KV write in one launch: the rotated q returned, the rotated k and the plain v
+    in their cache slots (those of the reference: rotary_ref, then the cache written with index
+    assignment), padding slots (-1) writing nothing and every other slot left as it was."""
+    from pdray.kernels.fused import rotary_write_kv
+
+    gen = torch.Generator().manual_seed(3 * head_dim + num_tokens)
+    rope = RotaryEmbedding(head_dim, 4096, 500000.0, interleaved=interleaved).to(device)
+    qkv = _randn(gen, num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=device,
+                 dtype=dtype)  # fmt: skip
+    q, k = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
+    v = qkv[:, num_heads + num_kv_heads :]
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(device)
+    num_blocks, block_size = 8, 16
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[1::4] = -1  # padded rows of a CUDA-graph batch
+    cache = _randn(gen, 2, num_blocks, block_size, num_kv_heads, head_dim, device=device,
+                   dtype=dtype)  # fmt: skip
+    expected = cache.clone().view(2, -1, num_kv_heads, head_dim)
+    keep = slots >= 0
+    want_k = rotary_ref(k, positions, rope.cos, rope.sin, interleaved)
+    expected[0, slots[keep]] = want_k[keep.to(device)].to(dtype)
+    expected[1, slots[keep]] = v[keep.to(device)]
+    got_q = rotary_write_kv(positions, q, k, v, rope.cos, rope.sin, interleaved, cache,
+                            slots.to(device))  # fmt: skip
+    _check(got_q, rotary_ref(q, positions, rope.cos, rope.sin, interleaved), dtype, "q")
+    got = cache.view(2, -1, num_kv_heads, head_dim)
+    written = torch.zeros(got.shape[1], dtype=torch.bool)
+    written[slots[keep]] = True
+    assert torch.equal(got[:, ~written.to(device)], expected[:, ~written.to(device)])
+    assert torch.equal(got[1], expected[1]), "v is copied as it is"
+    _check(got[0, slots[keep]], want_k[keep.to(device)], dtype, "k in the cache")
