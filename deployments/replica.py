@@ -48,7 +48,6 @@ class PDReplica:
         self.loop = make_engine_loop(self.role, self.args, self.replica_id)
         self.worker = self.loop.worker
         self.engine = self.worker.engine
-        self._streams: dict[str, AsyncSink] = {}  # decode: reserved, stream not yet opened
         self._deadlines = CallerDeadlines(self.args.request_timeout_s, self._abort_late)
         self._key = record_key(self.args.app_name, self.replica_id)
         self._stop = threading.Event()
@@ -77,28 +76,13 @@ class PDReplica:
         finally:
             self._deadlines.end(request_id)
 
-    async def reserve(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
-        """A Ticket (as JSON) for the prompt's KV, or None when the KV cache has no room now.
-        The request's outputs are collected from here on; `stream` yields them."""
-        self._check_target(replica_id)
-        sink = AsyncSink()
-        ticket = await submit(
-            self.loop, request_id, sink,
-            lambda: self.worker.reserve(request_id, prompt, params_from(params)),
-        )  # fmt: skip
-        if ticket is None:
-            await asyncio.wrap_future(self.loop.abort(request_id))  # drops the sink
-            return None
-        self._streams[request_id] = sink
-        self._deadlines.start(request_id)  # until `stream` ends (or the reaper aborts it)
-        return ticket.model_dump(mode="json")
-
     async def reserve_stream(
         self, request_id: str, prompt, params: dict, replica_id: str | None = None
     ):
-        """`reserve` and `stream` in one call (one round trip less on the router's path): the
-        ticket first (None: no room now, and nothing follows), then the request's outputs. A
-        caller that leaves after the ticket aborts the request here."""
+        """Decode: a Ticket (as JSON) for the prompt's KV first (None: no room now, and nothing
+        follows), then the request's outputs, in one call (a separate call for the outputs
+        delayed the prefill call beside it on a busy router). A caller that leaves after the
+        ticket aborts the request here."""
         self._check_target(replica_id)
         sink = AsyncSink()
         ticket = await submit(
@@ -120,17 +104,6 @@ class PDReplica:
             self._deadlines.end(request_id)
             if not streaming:  # left before the stream opened (which aborts on its own)
                 self.loop.abort(request_id)
-
-    async def stream(self, request_id: str, replica_id: str | None = None):
-        self._check_target(replica_id)
-        sink = self._streams.pop(request_id, None)
-        if sink is None:
-            raise RuntimeError(f"request {request_id} is not reserved on {self.replica_id}")
-        try:
-            async for output in self.loop.stream(request_id, sink):
-                yield output
-        finally:
-            self._deadlines.end(request_id)
 
     async def prefill(
         self,
@@ -174,13 +147,11 @@ class PDReplica:
 
     async def abort(self, request_id: str, replica_id: str | None = None) -> None:
         self._check_target(replica_id)
-        self._streams.pop(request_id, None)
         self._deadlines.end(request_id)
         await asyncio.wrap_future(self.loop.abort(request_id))
 
     def _abort_late(self, request_id: str) -> None:
         """The reaper's abort (its thread): the request outlived its router's deadline."""
-        self._streams.pop(request_id, None)
         self.loop.abort(request_id)
 
     async def stats(self, replica_id: str | None = None) -> dict:

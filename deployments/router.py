@@ -19,7 +19,7 @@ A prefill call that raises (its replica died) leaves the request to decode's lea
 marks that prefill instance down.
 
 A full decode instance (no free KV blocks for the prompt, by its record or by its answer to
-`reserve`) is healthy: the request tries another one. While nothing can take the request (every
+`reserve_stream`) is healthy: the request tries another one. While nothing can take the request (every
 live decode instance full, or no live instance of a role in the snapshot: not registered yet,
 being replaced, or a record the snapshot saw late) it waits (pauses from `_WAIT_S` doubling to
 `_WAIT_MAX_S`, the snapshot refreshed after each) for up to `queue_timeout_s`, then gets a 503. Metrics (deployments/metrics.py): one RequestTrace
@@ -177,26 +177,27 @@ class PDBackend:
                 return
             except _ClientLeft:
                 return
-            except _HandoffFailed as e:  # decode is healthy; its policy says retry or fail
-                record_routing(Role.DECODE.value, e.instance_id, RoutingOutcome.FAILED)
+            except _FailedAttempt as e:
                 failures += 1
-                last_error = f"the prompt's KV did not reach decode: {e.failure.reason}"
-                if any(r.instance_id not in exclude | {e.instance_id}
-                       for r in self.snapshot.records(Role.DECODE)):  # fmt: skip
-                    full.add(e.instance_id)  # prefer another decode instance for the retry
-                if e.failure.kind is FailureKind.FAILED or sent.most > 1:
-                    raise RuntimeError(f"request {request_id}: {last_error}") from None
-                if failures >= self.args.max_attempts:
-                    break
-                logger.warning("request %s: %s; trying another pair", request_id, last_error)
-            except _AttemptAborted as e:  # the instance lives: prefer another one, no mark-down
                 record_routing(e.role.value, e.instance_id, RoutingOutcome.FAILED)
-                failures += 1
-                full.add(e.instance_id)
                 last_error = str(e)
+                if e.instance_lives:  # prefer another instance for the retry, if there is one
+                    others = exclude | {e.instance_id}
+                    if any(r.instance_id not in others for r in self.snapshot.records(e.role)):
+                        full.add(e.instance_id)
+                else:
+                    exclude.add(e.instance_id)
+                    await self.snapshot.mark_down(e.instance_id)
+                    # The other instance of the attempt can be slow to answer (a prefill replica
+                    # may be busy failing to reach a dead decode one): abort there in the
+                    # background. The next attempt has its own id, so the abort cannot hit it.
+                    placed = self._placed.pop(request_id, (attempt_id, []))
+                    self._spawn(self._abort(*placed, skip=set(exclude)))
+                if e.final:
+                    raise RuntimeError(f"request {request_id}: {e}") from None
                 if sent.most > 1:
                     raise RuntimeError(
-                        f"request {request_id}: {e} after streaming {sent.most} token(s), "
+                        f"request {request_id}: {e}, after streaming {sent.most} token(s), "
                         "which cannot be resumed"
                     ) from None
                 if failures >= self.args.max_attempts:
@@ -220,26 +221,6 @@ class PDBackend:
                 await asyncio.sleep(wait_s)
                 wait_s = min(2 * wait_s, _WAIT_MAX_S)
                 await self.snapshot.refresh()
-            except _InstanceFailed as e:
-                failures += 1
-                record_routing(e.role.value, e.instance_id, RoutingOutcome.FAILED)
-                exclude.add(e.instance_id)
-                await self.snapshot.mark_down(e.instance_id)
-                # The other instance of the attempt can be slow to answer (a prefill replica
-                # may be busy failing to reach a dead decode one): abort there in the
-                # background. The next attempt has its own id, so the abort cannot hit it.
-                placed = self._placed.pop(request_id, (attempt_id, []))
-                self._spawn(self._abort(*placed, skip=set(exclude)))
-                if sent.most > 1:
-                    raise RuntimeError(
-                        f"{e.role.value} instance {e.instance_id} failed after streaming "
-                        f"{sent.most} token(s) of request {request_id}, which cannot be "
-                        f"resumed: {e}"
-                    ) from None
-                last_error = str(e)
-                if failures >= self.args.max_attempts:
-                    break
-                logger.warning("request %s: %s; trying another instance", request_id, e)
             finally:
                 await self._cleanup(request_id)
         raise NoCapacityError(f"no instance could take the request: {last_error}")
@@ -425,40 +406,56 @@ class _Unavailable(NoCapacityError):
 
 
 class _InstanceFull(Exception):
-    """A decode instance answered `reserve` with no room for the prompt's KV."""
+    """A decode instance answered `reserve_stream` with no room for the prompt's KV."""
 
     def __init__(self, instance: InstanceRecord):
         super().__init__(f"decode instance {instance.instance_id} has no free KV blocks")
         self.instance_id = instance.instance_id
 
 
-class _HandoffFailed(Exception):
+class _FailedAttempt(Exception):
+    """An attempt that failed at one instance. `instance_lives`: the instance answered (prefer
+    another for the retry, no mark-down); else it is marked down. `final`: no retry whatever
+    was streamed (the instance's failure policy says fail)."""
+
+    instance_lives = True
+    final = False
+
+    def __init__(self, instance: InstanceRecord, message: str):
+        super().__init__(message)
+        self.instance_id, self.role = instance.instance_id, instance.role
+
+
+class _HandoffFailed(_FailedAttempt):
     """A decode instance did not get the prompt's KV; its failure policy is retry or fail."""
 
     def __init__(self, instance: InstanceRecord, failure: HandoffFailed):
-        super().__init__(str(failure))
-        self.instance_id, self.failure = instance.instance_id, failure
+        super().__init__(instance, f"the prompt's KV did not reach decode: {failure.reason}")
+        self.final = failure.kind is FailureKind.FAILED
 
 
-class _AttemptAborted(Exception):
+class _AttemptAborted(_FailedAttempt):
     """An instance ended an attempt with finish reason "abort" that the router did not ask for."""
 
     def __init__(self, instance: InstanceRecord):
         super().__init__(
-            f"{instance.role.value} instance {instance.instance_id} aborted the request"
+            instance, f"{instance.role.value} instance {instance.instance_id} aborted the request"
         )
-        self.instance_id, self.role = instance.instance_id, instance.role
 
 
 class _ClientLeft(Exception):
     """The attempt ended with the abort the router sent for a client that left."""
 
 
-class _InstanceFailed(RuntimeError):
+class _InstanceFailed(_FailedAttempt):
+    """A call to an instance raised (its replica died, timed out, ...): marked down."""
+
+    instance_lives = False
+
     def __init__(self, instance: InstanceRecord, message: str):
-        super().__init__(message)
-        self.instance_id = instance.instance_id
-        self.role = instance.role
+        super().__init__(
+            instance, f"{instance.role.value} instance {instance.instance_id} failed: {message}"
+        )
 
 
 async def _reserved(decode_outputs, instance: InstanceRecord) -> dict | None:
