@@ -4,7 +4,7 @@ metrics export port, so tests can read the Prometheus endpoint and kill replica 
 reads that endpoint and the replicas' Redis records.
 
 `PDRAY_TEST_OVERLAP_PREFILL=1` runs the app with `overlap_prefill: true` (off by default). Known
-failure with it, in 5 of 7 runs: `test_serve_app.py::test_decode_replica_killed_mid_run` (see
+failure with it (4 runs of 4): `test_serve_app.py::test_decode_replica_killed_mid_run` (see
 docs/performance.md, issue 13, "overlap_prefill after a decode replica dies")."""
 
 from __future__ import annotations
