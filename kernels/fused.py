@@ -135,12 +135,12 @@ def _launch_rotary(positions, q, k, v, q_out, k_out, slots, cos, sin, interleave
                    value_offset: int) -> None:  # fmt: skip
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    v_arg = k if v is None else v  # never read without slots
     if num_tokens:
         _rotary_kernel[(num_tokens,)](
-            positions, q, k, v if v is not None else k, q_out, k_out,
+            positions, q, k, v_arg, q_out, k_out,
             slots if slots is not None else positions, cos, sin,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            (v if v is not None else k).stride(0), (v if v is not None else k).stride(1),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_arg.stride(0), v_arg.stride(1),
             value_offset, NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HALF=head_dim // 2, INTERLEAVED=interleaved, WRITE_KV=slots is not None,
             BLOCK_HQ=triton.next_power_of_2(num_heads),

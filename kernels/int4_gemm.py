@@ -525,8 +525,8 @@ def int4_linear(
     group, num_groups = q.group_size, scales.shape[1]
     cfg = config or default_config(path, m, group, n)
     bias_arg = bias if bias is not None else scales
-    common = dict(GROUP=group, HAS_BIAS=bias is not None, EVEN_G=num_groups % cfg.block_groups == 0,
-                  BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_groups, num_warps=cfg.num_warps,
+    common = dict(GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+                  BLOCK_G=cfg.block_groups, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)  # fmt: skip
     if path is Int4Path.GEMV:
         if qweight.stride(0) % 4 or qweight.storage_offset() % 4:
@@ -540,7 +540,7 @@ def int4_linear(
             x_pairs, words, scales, zeros, bias_arg, out, n, num_groups,
             x_pairs.stride(0), words.stride(0), scales.stride(0), out.stride(0),
             INLINE_ASM=cfg.inline_asm and x.is_cuda, X_BF16=x.dtype == torch.bfloat16,
-            WPC=cfg.words_per_chunk, **{k: v for k, v in common.items() if k != "EVEN_G"},
+            WPC=cfg.words_per_chunk, **common,
         )  # fmt: skip
     else:
         block_m = max(16, cfg.block_m)
@@ -550,6 +550,6 @@ def int4_linear(
             x2, qweight, scales, zeros, bias_arg, out, m, n, num_groups,
             x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             INLINE_ASM=cfg.inline_asm and x.is_cuda, ASM=asm, ASM_MAGIC=asm_magic,
-            BLOCK_M=block_m, **common,
+            EVEN_G=num_groups % cfg.block_groups == 0, BLOCK_M=block_m, **common,
         )  # fmt: skip
     return out.reshape(*lead, n)

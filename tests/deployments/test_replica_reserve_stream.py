@@ -92,15 +92,21 @@ def _wait_until(predicate, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_ticket_then_outputs_in_one_call():
-    worker = _ScriptedDecode(room=True)
-    replica = _replica(worker)
+def _every_item(replica) -> list:
+    """Everything `reserve_stream` yields for request "r", read to the end."""
 
     async def main():
         return [item async for item in replica.reserve_stream("r", [1, 2], {}, replica_id="d0")]
 
+    return asyncio.run(main())
+
+
+def test_ticket_then_outputs_in_one_call():
+    worker = _ScriptedDecode(room=True)
+    replica = _replica(worker)
+
     try:
-        ticket, *outputs = asyncio.run(main())
+        ticket, *outputs = _every_item(replica)
         assert ticket == {"request_id": "r"}
         assert [o.outputs[0].token_ids for o in outputs] == [[7, 8]] and outputs[-1].finished
         assert worker.aborted == [] and _reaped(replica) == []
@@ -112,11 +118,8 @@ def test_no_room_is_none_and_the_request_is_dropped():
     worker = _ScriptedDecode(room=False)
     replica = _replica(worker)
 
-    async def main():
-        return [item async for item in replica.reserve_stream("r", [1, 2], {}, replica_id="d0")]
-
     try:
-        assert asyncio.run(main()) == [None]
+        assert _every_item(replica) == [None]
         assert worker.aborted == ["r"]
     finally:
         replica.loop.close()
