@@ -91,7 +91,7 @@ def build_app(args: dict) -> serve.Application:
     ingress = serve.ingress(router_app)(Router)
     router = serve.deployment(ingress).options(
         name="Router",
-        num_replicas=1,
+        num_replicas=app_args.router_replicas,
         ray_actor_options={"num_cpus": 0.25},
         max_ongoing_requests=4096,
     )

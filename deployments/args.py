@@ -86,6 +86,12 @@ class AppArgs(BaseModel):
         "follows): saves a round trip of TTFT; off by default, since the failure tests showed "
         "30 s stalls with it after a decode replica died (docs/performance.md)",
     )
+    router_replicas: int = Field(
+        1,
+        ge=1,
+        description="replicas of the router (the HTTP ingress): each relays every token of its "
+        "requests, so one core caps a deployment's output tokens per second (docs/performance.md)",
+    )
     lease_s: float = Field(30.0, gt=0, description="decode waits this long for a prompt's KV")
     failure_policy: FailurePolicy = Field(
         FailurePolicy.RECOMPUTE, description="when KV does not arrive: recompute, retry or fail"

@@ -279,6 +279,8 @@ class PDBackend:
             async for output in _guard(gen, mixed):
                 if ended_by_abort(output):
                     self._aborted_by(mixed, request_id)
+                if output.finished:  # the engine is done with it: nothing to abort
+                    self._placed.pop(request_id, None)
                 if sent.admit(output):
                     yield output
             return
@@ -322,8 +324,16 @@ class PDBackend:
             prefill_items = prefill_call.remote(
                 attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
             )
+
+        async def decode_stream():  # decode finishing ends the request there: nothing to abort
+            async with contextlib.aclosing(decode_outputs):
+                async for output in decode_outputs:
+                    if output.finished and not ended_by_abort(output):
+                        self._placed.pop(request_id, None)
+                    yield output
+
         outputs = pd_outputs(
-            _cancelling(prefill_items), decode_outputs, params, sent,
+            _cancelling(prefill_items), decode_stream(), params, sent,
             functools.partial(self._prefill_ended, prefill, attempt_id), trace.observe,
         )  # fmt: skip
         try:

@@ -82,6 +82,7 @@ class FakeInstances:
         self.abort_own: set[str] = set()  # decode instances that end streams with their own abort
         self.prefill_aborts = False  # prefill ends its stream with an abort after the first token
         self.prefill_dies: Exception | None = None  # raised by prefill after the first token
+        self.prefill_stops = False  # prefill's first token is a stop: it ends the request
         self.calls: list[str] = []  # the methods called (`remote`), in order
 
     def options(self, **_):
@@ -110,7 +111,7 @@ class FakeInstances:
         assert (
             ticket is None
         ) == ticket_follows  # the ticket comes with the call or through attach
-        yield _out(request_id, [7], None)
+        yield _out(request_id, [7], "stop" if self.prefill_stops else None)
         if self.prefill_dies is not None:
             raise _RayError(self.prefill_dies)
         if self.prefill_aborts:  # EngineLoop's answer to an abort: the output so far, ended
@@ -341,6 +342,40 @@ def test_a_request_done_at_its_first_token_ends_at_prefill(checkpoint, redis_url
     asyncio.run(main())
 
 
+def test_a_request_that_decode_finished_is_not_aborted_anywhere(checkpoint, redis_url):
+    """Decode's finished output ends the request in both engines (prefill handed it off before
+    decode admitted it): no abort calls, which cost the router and both engine loops a call each
+    per request."""
+
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="no-abort")
+        outputs = await _generate(backend, max_tokens=2)
+        assert _tokens(outputs) == [[7], [7, 8]] and outputs[-1].finished
+        prefill, decode = backend._handles[Role.PREFILL], backend._handles[Role.DECODE]
+        assert prefill.aborted == [] and decode.aborted == []
+        assert not backend._placed
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_prefill_finished_is_aborted_on_decode(checkpoint, redis_url):
+    """A stop at the first token ends the request at prefill; decode, which reserved for it and
+    has not finished it, is told to let it go."""
+
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="prefill-stop")
+        backend._handles[Role.PREFILL].prefill_stops = True
+        backend._handles[Role.DECODE].hold_decode = asyncio.Event()  # decode has sent nothing
+        outputs = await _generate(backend, max_tokens=4)
+        assert _tokens(outputs) == [[7]] and outputs[-1].outputs[0].finish_reason == "stop"
+        assert [i for i, _ in backend._handles[Role.DECODE].aborted] == ["d0"]
+        assert not backend._placed
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
 def test_retry_policy_tries_another_pair_without_marking_decode_down(
     checkpoint, redis_url, routing
 ):
@@ -396,8 +431,8 @@ def test_a_retry_that_samples_another_first_token_is_an_error_not_a_repeat(check
 
 def test_decode_dying_mid_stream_aborts_the_attempt_on_prefill_and_retries(checkpoint, redis_url):
     """Decode d0 dies after the first token came from prefill (one token sent: resumable): d0 is
-    marked down and not called again, the attempt is aborted on prefill, and d1 serves the
-    request without repeating the first token."""
+    marked down and not called again, the failed attempt is aborted on prefill, and d1 serves
+    the request without repeating the first token."""
 
     async def main():
         died = RuntimeError("ActorDiedError: the actor died unexpectedly")
@@ -410,8 +445,8 @@ def test_decode_dying_mid_stream_aborts_the_attempt_on_prefill_and_retries(check
         assert _tokens(outputs) == [[7], [7, 8]]
         await asyncio.gather(*backend._background)  # the background abort of the first attempt
         prefill, decode = backend._handles[Role.PREFILL], backend._handles[Role.DECODE]
-        assert [i for i, _ in prefill.aborted] == ["p0", "p0"]  # each attempt, once it ended
-        assert len({a for _, a in prefill.aborted}) == 2  # two attempts, two ids
+        # the failed attempt, once it ended; the second one finished on decode: no abort
+        assert prefill.aborted == [("p0", "r")]
         assert "d0" not in {i for i, _ in decode.aborted}  # the dead one is not called
         assert {r.instance_id for r in backend.snapshot.records(Role.DECODE)} == {"d1"}
         await backend.snapshot.stop()
