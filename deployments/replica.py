@@ -24,6 +24,7 @@ from pdray.deployments.engine_replica import (
 )
 from pdray.deployments.metrics import ReplicaMetrics
 from pdray.deployments.redis_host import resolve_redis_url
+from pdray.deployments.stream_codec import PromptElider
 from ray import serve
 
 from pdray.config import Role
@@ -71,8 +72,9 @@ class PDReplica:
                 self.loop, request_id, sink,
                 lambda: self.worker.add(request_id, prompt, params_from(params)),
             )  # fmt: skip
+            elide = PromptElider()
             async for output in self.loop.stream(request_id, sink):
-                yield output
+                yield elide(output)
         finally:
             self._deadlines.end(request_id)
 
@@ -98,8 +100,9 @@ class PDReplica:
         try:
             yield ticket.model_dump(mode="json")
             streaming = True
+            elide = PromptElider()
             async for output in self.loop.stream(request_id, sink):
-                yield output
+                yield elide(output)
         finally:
             self._deadlines.end(request_id)
             if not streaming:  # left before the stream opened (which aborts on its own)

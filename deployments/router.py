@@ -54,6 +54,7 @@ from pdray.deployments.metrics import (
     record_routing,
 )
 from pdray.deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
+from pdray.deployments.stream_codec import PromptRestorer
 from ray import serve
 
 from pdray.config import Role
@@ -495,9 +496,10 @@ async def _cancelling(gen):
 
 async def _guard(gen, instance: InstanceRecord):
     """Re-raise a replica's death as _InstanceFailed; ValueErrors (bad input) pass through."""
+    restore = PromptRestorer()  # the replica sends the prompt with the first output only
     try:
         async for output in _cancelling(gen):
-            yield output
+            yield restore(output)
     except ValueError:
         raise
     except Exception as e:
