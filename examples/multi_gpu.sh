@@ -40,7 +40,8 @@ for step in $steps; do
                --random-output-len 192 --random-range-ratio 0.33 --num-prompts 200
                --request-rates 2,4,8,12,16 --ignore-eos --num-warmups 4 --seed 0
                --goodput ttft:1000 tpot:40)
-        bash examples/serve_benchmark.sh examples/serve_1p1d_2gpu.yaml "$out" 1p1d "${flags[@]}"
+        bash examples/serve_benchmark.sh examples/serve_1p1d_2gpu.yaml "$out" 1p1d "${flags[@]}" \
+            --breakdown  # where the 1P1D TTFT goes (PD spans)
         bash examples/serve_benchmark.sh examples/serve_mixed_2gpu.yaml "$out" mixed "${flags[@]}"
         python -m pdray.bench.serve_compare "$out/1p1d-sweep.json" "$out/mixed-sweep.json" \
             --plot "$out/1p1d_vs_mixed.png" | tee "$out/1p1d_vs_mixed.md"
