@@ -1,8 +1,9 @@
 """Shared helpers of the kernel tests.
 
-Kernel tests run on a CUDA GPU and are skipped, before Triton is imported, where there is none
-(CPU CI). `TRITON_INTERPRET=1` also runs them on the CPU through Triton's interpreter (slow; for
-developing kernels on a machine without a GPU).
+Kernel tests run on a CUDA GPU. Without one they run on the CPU through Triton's interpreter
+(`TRITON_INTERPRET=1`, which tests/conftest.py sets when Triton is installed, as the `test` extra
+does: CI runs them so), except the bf16 cases, CUDA graphs and two-GPU tests; with neither a GPU
+nor Triton they are skipped before Triton is imported.
 """
 
 from __future__ import annotations
