@@ -280,8 +280,7 @@ class PDBackend:
             async for output in _guard(gen, mixed):
                 if ended_by_abort(output):
                     self._aborted_by(mixed, request_id)
-                if output.finished:  # the engine is done with it: nothing to abort
-                    self._placed.pop(request_id, None)
+                self._forget_if_finished(request_id, output)
                 if sent.admit(output):
                     yield output
             return
@@ -326,11 +325,10 @@ class PDBackend:
                 attempt_id, prompt, params.to_dict(), ticket, replica_id=prefill.instance_id
             )
 
-        async def decode_stream():  # decode finishing ends the request there: nothing to abort
+        async def decode_stream():
             async with contextlib.aclosing(decode_outputs):
                 async for output in decode_outputs:
-                    if output.finished and not ended_by_abort(output):
-                        self._placed.pop(request_id, None)
+                    self._forget_if_finished(request_id, output)
                     yield output
 
         outputs = pd_outputs(
@@ -354,6 +352,12 @@ class PDBackend:
         if isinstance(end, Exception) and not _is_user_error(end):
             record_routing(Role.PREFILL.value, prefill.instance_id, RoutingOutcome.FAILED)
             self._spawn(self.snapshot.mark_down(prefill.instance_id))
+
+    def _forget_if_finished(self, request_id: str, output: RequestOutput) -> None:
+        """A decode or mixed engine's final output ends the request in every engine it reached
+        (prefill handed it off before decode admitted it): the cleanup has nothing to abort."""
+        if output.finished and not ended_by_abort(output):
+            self._placed.pop(request_id, None)
 
     def _aborted_by(self, instance: InstanceRecord, request_id: str) -> None:
         """An instance ended the attempt with an abort: quietly if the client left (the router's
