@@ -49,7 +49,7 @@ class Span(str, enum.Enum):
     """Where a PD request's time to first (and second) token goes. Router spans are measured
     from the router receiving the request; the others on the instance, as durations."""
 
-    RESERVED = "reserved"  # router: decode's ticket arrived (`reserve_stream`'s first item)
+    RESERVED = "reserved"  # router: decode's ticket arrived (its `reserve` call answered)
     FIRST_TOKEN = "first_token"  # router: the first token arrived (from prefill)
     SECOND_TOKEN = "second_token"  # router: the second token arrived (from decode)
     PREFILL_QUEUE = "prefill_queue"  # prefill: submitted -> first scheduled

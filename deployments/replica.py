@@ -23,8 +23,8 @@ from pdray.deployments.engine_replica import (
     submit,
 )
 from pdray.deployments.metrics import ReplicaMetrics
+from pdray.deployments.output_channels import ChannelHub
 from pdray.deployments.redis_host import resolve_redis_url
-from pdray.deployments.stream_codec import PromptElider
 from ray import serve
 
 from pdray.config import Role
@@ -50,6 +50,7 @@ class PDReplica:
         self.worker = self.loop.worker
         self.engine = self.worker.engine
         self._deadlines = CallerDeadlines(self.args.request_timeout_s, self._abort_late)
+        self._channels = ChannelHub(ended=self._deadlines.end, abort=self._abort_late)
         self._key = record_key(self.args.app_name, self.replica_id)
         self._stop = threading.Event()
         kv = getattr(self.worker, "sender", None) or getattr(self.worker, "receiver", None)
@@ -63,50 +64,51 @@ class PDReplica:
 
     # -- calls from the router -------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt, params: dict, replica_id: str | None = None):
+    async def generate(
+        self, request_id: str, prompt, params: dict, channel: str, replica_id: str | None = None
+    ) -> None:
+        """Mixed: start the request; its outputs go to the caller's `channel`."""
         self._check_target(replica_id)
-        sink = AsyncSink()
-        self._deadlines.start(request_id)
+        sink = self._channels.sink(channel, request_id)
+        self._deadlines.start(request_id)  # until its final output (or the reaper aborts it)
         try:
             await submit(
                 self.loop, request_id, sink,
                 lambda: self.worker.add(request_id, prompt, params_from(params)),
             )  # fmt: skip
-            elide = PromptElider()
-            async for output in self.loop.stream(request_id, sink):
-                yield elide(output)
-        finally:
+        except BaseException:
+            self._channels.drop(channel, request_id)
             self._deadlines.end(request_id)
+            raise
 
-    async def reserve_stream(
-        self, request_id: str, prompt, params: dict, replica_id: str | None = None
-    ):
-        """Decode: a Ticket (as JSON) for the prompt's KV first (None: no room now, and nothing
-        follows), then the request's outputs, in one call (a separate call for the outputs
-        delayed the prefill call beside it on a busy router). A caller that leaves after the
-        ticket aborts the request here."""
+    async def reserve(
+        self, request_id: str, prompt, params: dict, channel: str, replica_id: str | None = None
+    ) -> dict | None:
+        """Decode: a Ticket (as JSON) for the prompt's KV, or None (no room now: nothing
+        follows). Once admitted, the request's outputs go to the caller's `channel`."""
         self._check_target(replica_id)
-        sink = AsyncSink()
-        ticket = await submit(
-            self.loop, request_id, sink,
-            lambda: self.worker.reserve(request_id, prompt, params_from(params)),
-        )  # fmt: skip
-        if ticket is None:
-            await asyncio.wrap_future(self.loop.abort(request_id))  # drops the sink
-            yield None
-            return
-        self._deadlines.start(request_id)  # until the stream ends (or the reaper aborts it)
-        streaming = False
+        sink = self._channels.sink(channel, request_id)
+        self._deadlines.start(request_id)  # until its final output (or the reaper aborts it)
+        ticket = None
         try:
-            yield ticket.model_dump(mode="json")
-            streaming = True
-            elide = PromptElider()
-            async for output in self.loop.stream(request_id, sink):
-                yield elide(output)
+            ticket = await submit(
+                self.loop, request_id, sink,
+                lambda: self.worker.reserve(request_id, prompt, params_from(params)),
+            )  # fmt: skip
+            if ticket is None:
+                await asyncio.wrap_future(self.loop.abort(request_id))  # drops the sink
         finally:
-            self._deadlines.end(request_id)
-            if not streaming:  # left before the stream opened (which aborts on its own)
-                self.loop.abort(request_id)
+            if ticket is None:
+                self._channels.drop(channel, request_id)
+                self._deadlines.end(request_id)
+        return None if ticket is None else ticket.model_dump(mode="json")
+
+    async def channel(self, channel_id: str, replica_id: str | None = None):
+        """The outputs of every request a router sent here with `channel_id`: one batch of
+        (request id, output) per engine step (deployments/output_channels.py)."""
+        self._check_target(replica_id)
+        async for batch in self._channels.stream(channel_id):
+            yield batch
 
     async def prefill(
         self,

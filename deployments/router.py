@@ -1,8 +1,9 @@
 """The ingress: OpenAI HTTP API over a PD backend that picks instances from Redis records.
 
 Per request: pick a decode instance (load, free blocks) and a prefill instance (queued prompt
-tokens) from the snapshot -> decode.reserve_stream (its first item is the ticket) ->
-prefill.prefill(ticket) -> the first token from prefill, the rest from decode's stream. With
+tokens) from the snapshot -> decode.reserve (the ticket) -> prefill.prefill(ticket) -> the
+first token from prefill, the rest from decode through this router's output channel from that
+decode replica (deployments/output_channels.py: one stream carries all of its requests). With
 `overlap_prefill`, prefill.prefill(ticket_follows) goes first and the ticket follows (`attach`).
 With no PD pair available, mixed instances serve. A client that leaves aborts the request on
 both instances.
@@ -19,7 +20,7 @@ A prefill call that raises (its replica died) leaves the request to decode's lea
 marks that prefill instance down.
 
 A full decode instance (no free KV blocks for the prompt, by its record or by its answer to
-`reserve_stream`) is healthy: the request tries another one. While nothing can take the request (every
+`reserve`) is healthy: the request tries another one. While nothing can take the request (every
 live decode instance full, or no live instance of a role in the snapshot: not registered yet,
 being replaced, or a record the snapshot saw late) it waits (pauses from `_WAIT_S` doubling to
 `_WAIT_MAX_S`, the snapshot refreshed after each) for up to `queue_timeout_s`, then gets a 503. Metrics (deployments/metrics.py): one RequestTrace
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -53,8 +55,8 @@ from pdray.deployments.metrics import (
     Span,
     record_routing,
 )
+from pdray.deployments.output_channels import ChannelClient
 from pdray.deployments.redis_host import DEPLOYMENT_NAME as REDIS_HOST
-from pdray.deployments.stream_codec import PromptRestorer
 from ray import serve
 
 from pdray.config import Role
@@ -93,6 +95,7 @@ class PDBackend:
         self._placed: dict[str, tuple[str, list[tuple[Role, str]]]] = {}
         self._background: set[asyncio.Task] = set()
         self._leaving: set[str] = set()  # requests whose client left (`abort`): ends are quiet
+        self._channels: dict[str, ChannelClient] = {}  # decode/mixed instance id -> its channel
 
     def tokenizer(self) -> Any:
         return self._tokenizer
@@ -273,11 +276,14 @@ class PDBackend:
             mixed = self._pick_decode(Role.MIXED, num_tokens, exclude, full)
             self._placed[request_id] = (attempt_id, [(Role.MIXED, mixed.instance_id)])
             trace.role, trace.replica = Role.MIXED.value, mixed.instance_id
-            handle = self._handle(Role.MIXED).options(stream=True)
-            gen = handle.generate.remote(
-                attempt_id, prompt, params.to_dict(), replica_id=mixed.instance_id
+            handle = self._handle(Role.MIXED)
+            outputs = self._channel(Role.MIXED, mixed.instance_id).request(
+                attempt_id,
+                lambda channel: handle.generate.remote(
+                    attempt_id, prompt, params.to_dict(), channel, replica_id=mixed.instance_id
+                ),
             )
-            async for output in _guard(gen, mixed):
+            async for output in _guard(outputs, mixed):
                 if ended_by_abort(output):
                     self._aborted_by(mixed, request_id)
                 self._forget_if_finished(request_id, output)
@@ -291,7 +297,7 @@ class PDBackend:
         trace.role, trace.replica = Role.DECODE.value, decode.instance_id
         # With overlap_prefill (and no tensor-parallel prefill), prefill starts computing while
         # decode reserves; the ticket follows (`attach`), and the first token waits for it.
-        # Decode answers `reserve` and then streams in one call (`reserve_stream`).
+        # Decode answers `reserve` with the ticket; its outputs come through its channel.
         follows = self.args.overlap_prefill and self.args.prefill.tensor_parallel_size == 1
         prefill_call = self._handle(Role.PREFILL).options(stream=True).prefill
         if follows:  # sent first: the prompt's compute is the longest part of the first token
@@ -299,12 +305,13 @@ class PDBackend:
                 attempt_id, prompt, params.to_dict(), None, replica_id=prefill.instance_id,
                 ticket_follows=True,
             )  # fmt: skip
-        decode_items = (
-            self._handle(Role.DECODE)
-            .options(stream=True)
-            .reserve_stream.remote(
-                attempt_id, prompt, params.to_dict(), replica_id=decode.instance_id
-            )
+        decode_handle = self._handle(Role.DECODE)
+        decode_items = self._channel(Role.DECODE, decode.instance_id).request(
+            attempt_id,
+            lambda channel: decode_handle.reserve.remote(
+                attempt_id, prompt, params.to_dict(), channel, replica_id=decode.instance_id
+            ),
+            reply=True,
         )
         decode_outputs = _guard(decode_items, decode)
         try:
@@ -315,7 +322,7 @@ class PDBackend:
             if follows:
                 prefill_items.cancel()  # never read: cancel it rather than leave it to GC
             with contextlib.suppress(BaseException):
-                await decode_outputs.aclose()  # cancels the call
+                await decode_outputs.aclose()  # the cleanup aborts the request on decode
             raise
         trace.mark(Span.RESERVED)
         if follows:
@@ -352,6 +359,24 @@ class PDBackend:
         if isinstance(end, Exception) and not _is_user_error(end):
             record_routing(Role.PREFILL.value, prefill.instance_id, RoutingOutcome.FAILED)
             self._spawn(self.snapshot.mark_down(prefill.instance_id))
+
+    def _channel(self, role: Role, instance_id: str) -> ChannelClient:
+        """This router's output channel from a decode or mixed instance (opened on first use)."""
+        client = self._channels.get(instance_id)
+        if client is None:
+            handle = self._handle(role).options(stream=True)
+
+            def closed(client: ChannelClient) -> None:
+                if self._channels.get(instance_id) is client:
+                    del self._channels[instance_id]
+
+            client = self._channels[instance_id] = ChannelClient(
+                lambda channel_id: _cancelling(
+                    handle.channel.remote(channel_id, replica_id=instance_id)
+                ),
+                closed,
+            )
+        return client
 
     def _forget_if_finished(self, request_id: str, output: RequestOutput) -> None:
         """A decode or mixed engine's final output ends the request in every engine it reached
@@ -395,7 +420,11 @@ class PDBackend:
                 await asyncio.wait_for(call, _ABORT_TIMEOUT_S)
 
     def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
+        """Run coro in the background, outside the request's context: Serve's handle router spins
+        on two pending calls to one deployment with the same (inherited) internal request id,
+        e.g. `attach` beside the request's `prefill` call, or an old attempt's abort beside the
+        next attempt's calls."""
+        task = contextvars.Context().run(asyncio.ensure_future, coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -421,7 +450,7 @@ class _Unavailable(NoCapacityError):
 
 
 class _InstanceFull(Exception):
-    """A decode instance answered `reserve_stream` with no room for the prompt's KV."""
+    """A decode instance answered `reserve` with no room for the prompt's KV."""
 
     def __init__(self, instance: InstanceRecord):
         super().__init__(f"decode instance {instance.instance_id} has no free KV blocks")
@@ -474,7 +503,7 @@ class _InstanceFailed(_FailedAttempt):
 
 
 async def _reserved(decode_outputs, instance: InstanceRecord) -> dict | None:
-    """The first item of decode's `reserve_stream` (`_guard`ed): its ticket, or None (no room)."""
+    """The first item of decode's outputs (`_guard`ed): its ticket, or None (no room)."""
     try:
         return await asyncio.wait_for(anext(decode_outputs), _RESERVE_TIMEOUT_S)
     except StopAsyncIteration:
@@ -498,12 +527,11 @@ async def _cancelling(gen):
             gen.cancel()
 
 
-async def _guard(gen, instance: InstanceRecord):
+async def _guard(outputs, instance: InstanceRecord):
     """Re-raise a replica's death as _InstanceFailed; ValueErrors (bad input) pass through."""
-    restore = PromptRestorer()  # the replica sends the prompt with the first output only
     try:
-        async for output in _cancelling(gen):
-            yield restore(output)
+        async for output in outputs:
+            yield output
     except ValueError:
         raise
     except Exception as e:

@@ -266,6 +266,10 @@ class AsyncSink:
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens
             self._loop.call_soon_threadsafe(self._set, item)
 
+    def deliver(self, item: StreamItem) -> None:
+        """`put` from the sink's own event loop (no hop through `call_soon_threadsafe`)."""
+        self._set(item)
+
     def _set(self, item: StreamItem) -> None:
         if ends_stream(item):
             self._final = item

@@ -19,6 +19,7 @@ from pdray.engine.role_worker import (  # noqa: E402
     FailureKind,
     HandoffFailed,
     PrefillResult,
+    RequestFailed,
 )
 from pdray.entrypoints.openai.protocol import NoCapacityError  # noqa: E402
 from pdray.outputs import CompletionOutput, RequestOutput  # noqa: E402
@@ -84,6 +85,9 @@ class FakeInstances:
         self.prefill_dies: Exception | None = None  # raised by prefill after the first token
         self.prefill_stops = False  # prefill's first token is a stop: it ends the request
         self.calls: list[str] = []  # the methods called (`remote`), in order
+        self.channels: dict[str, asyncio.Queue] = {}  # channel id -> batches not yet read
+        self.channels_opened: list[str] = []  # the instance of each channel stream opened
+        self.pumps: set[asyncio.Task] = set()
 
     def options(self, **_):
         return self
@@ -91,21 +95,40 @@ class FakeInstances:
     def __getattr__(self, name):
         return _Method(getattr(self, f"_{name}"), self.calls, name)
 
-    async def _reserve(self, replica_id, request_id, prompt, params):
+    async def _reserve(self, replica_id, request_id, prompt, params, channel):
         if self.room[replica_id] is None:
             raise RuntimeError("ActorDiedError: the actor died unexpectedly")
         if self.room[replica_id] == 0:
             return None
         self.room[replica_id] -= 1
         self.reserved.append(replica_id)
+        self._feed(channel, request_id, self._stream(replica_id, request_id))
         return {"ticket": request_id}
 
-    async def _reserve_stream(self, replica_id, request_id, prompt, params):
-        ticket = await self._reserve(replica_id, request_id, prompt, params)
-        yield ticket
-        if ticket is not None:
-            async for output in self._stream(replica_id, request_id):
-                yield output
+    def _feed(self, channel: str, request_id: str, outputs) -> None:
+        """The request's outputs into its router's channel, as a replica's ChannelHub sends
+        them; an error ends only this request (a replica's death ends its channel)."""
+
+        async def pump():
+            queue = self.channels.setdefault(channel, asyncio.Queue())
+            try:
+                async for output in outputs:
+                    await queue.put([(request_id, output)])
+            except Exception as e:
+                await queue.put([(request_id, RequestFailed(request_id, e))])
+
+        task = asyncio.ensure_future(pump())
+        self.pumps.add(task)
+        task.add_done_callback(self.pumps.discard)
+
+    async def _channel(self, replica_id, channel_id):
+        died = self.fails.get(replica_id)
+        if died is not None and not isinstance(died, HandoffFailed):
+            raise _RayError(died)  # the replica died: its channel stream fails
+        self.channels_opened.append(replica_id)
+        queue = self.channels.setdefault(channel_id, asyncio.Queue())
+        while True:
+            yield await queue.get()
 
     async def _prefill(self, replica_id, request_id, prompt, params, ticket, ticket_follows=False):
         assert (
@@ -120,8 +143,8 @@ class FakeInstances:
         yield PrefillResult(request_id, None)
 
     async def _stream(self, replica_id, request_id):
-        if replica_id in self.fails:
-            raise _RayError(self.fails[replica_id])
+        if isinstance(self.fails.get(replica_id), HandoffFailed):
+            raise _RayError(self.fails[replica_id])  # a request the replica could not admit
         first = self.first.get(replica_id, 7)
         if self.hold_decode is not None:
             await self.hold_decode.wait()
@@ -322,9 +345,10 @@ def test_first_token_comes_from_prefill_and_is_sent_once(checkpoint, redis_url, 
         assert _tokens([first, *rest]) == [[7], [7, 8]]  # decode's admission output dropped
         # with overlap, prefill got decode's ticket through `attach`; else with the call
         assert backend._handles[Role.PREFILL].attached == (["r"] if overlap else [])
-        # decode reserves and streams in one call; with overlap, prefill is called first
-        calls = [c for c in decode.calls if c != "abort"]
-        want = ["prefill", "reserve_stream", "attach"] if overlap else ["reserve_stream", "prefill"]
+        # decode reserves in one call (its outputs come through the channel); with overlap,
+        # prefill is called first
+        calls = [c for c in decode.calls if c not in ("abort", "channel")]
+        want = ["prefill", "reserve", "attach"] if overlap else ["reserve", "prefill"]
         assert calls == want
         await backend.snapshot.stop()
 
@@ -653,7 +677,7 @@ def test_bad_input_refused_by_decode_reserve_is_a_400_and_decode_stays_up(checkp
         decode = backend._handles[Role.DECODE]
         calls = []
 
-        async def refuse(replica_id, request_id, prompt, params):
+        async def refuse(replica_id, request_id, prompt, params, channel):
             calls.append(replica_id)
             raise _RayError(ValueError("seed must fit in 64 bits"))
 
