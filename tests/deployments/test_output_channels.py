@@ -219,17 +219,25 @@ def test_one_batch_carries_every_request_latest_output_and_the_prompt_once():
     assert ended == ["a", "b"] and aborted == ["b"]  # b was left on the closed channel
 
 
+def _connected():
+    """A hub and a client reading it in this event loop; `call(request_id, channel_id)` is a
+    replica's start of a request (its sink goes into `sinks`), answering a ticket."""
+    hub = ChannelHub(ended=lambda r: None, abort=lambda r: None)
+    client = ChannelClient(hub.stream)
+    sinks = {}
+
+    async def call(request_id, channel_id):
+        sinks[request_id] = hub.sink(channel_id, request_id)
+        return {"ticket": request_id}
+
+    return client, sinks, call
+
+
 def test_the_client_routes_each_request_its_items_and_restores_the_prompt():
     """Both ends in one event loop: the client's stream is the hub's."""
 
     async def main():
-        hub = ChannelHub(ended=lambda r: None, abort=lambda r: None)
-        client = ChannelClient(hub.stream)
-        sinks = {}
-
-        async def call(request_id, channel_id):
-            sinks[request_id] = hub.sink(channel_id, request_id)
-            return {"ticket": request_id}
+        client, sinks, call = _connected()
 
         streams = {
             r: client.request(r, lambda channel_id, r=r: call(r, channel_id), reply=True)
@@ -329,12 +337,7 @@ def test_failed_items_end_only_their_request():
     """A request the engine failed (RequestFailed) raises its error; the others go on."""
 
     async def main():
-        hub = ChannelHub(ended=lambda r: None, abort=lambda r: None)
-        client = ChannelClient(hub.stream)
-        sinks = {}
-
-        async def call(request_id, channel_id):
-            sinks[request_id] = hub.sink(channel_id, request_id)
+        client, sinks, call = _connected()
 
         a = client.request("a", lambda c: call("a", c))
         b = client.request("b", lambda c: call("b", c))
