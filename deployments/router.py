@@ -226,7 +226,7 @@ class PDBackend:
                 wait_s = min(2 * wait_s, _WAIT_MAX_S)
                 await self.snapshot.refresh()
             finally:
-                await self._cleanup(request_id)
+                self._cleanup(request_id)
         raise NoCapacityError(f"no instance could take the request: {last_error}")
 
     def _pick_decode(self, role: Role, num_tokens: int, exclude: set[str], full: set[str]):
@@ -404,10 +404,13 @@ class PDBackend:
             logger.warning("ticket of %s not attached on %s: %s", attempt_id,
                            prefill.instance_id, _brief(e))  # fmt: skip
 
-    async def _cleanup(self, request_id: str) -> None:
-        """Abort the request's current attempt on its instances (idempotent)."""
-        if request_id in self._placed:
-            await self._abort(*self._placed.pop(request_id))
+    def _cleanup(self, request_id: str) -> asyncio.Task | None:
+        """Abort the request's current attempt on its instances (idempotent), in a task of its
+        own: this runs while the request's task is being cancelled (a client that left, whose
+        stream anyio cancels again at every await), and an abort awaited there would be
+        cancelled before it was sent, leaving the request running on decode."""
+        placed = self._placed.pop(request_id, None)
+        return None if placed is None else self._spawn(self._abort(*placed))
 
     async def _abort(
         self, attempt_id: str, placed: list[tuple[Role, str]], skip: Collection[str] = ()
@@ -419,7 +422,7 @@ class PDBackend:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(call, _ABORT_TIMEOUT_S)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         """Run coro in the background, outside the request's context: Serve's handle router spins
         on two pending calls to one deployment with the same (inherited) internal request id,
         e.g. `attach` beside the request's `prefill` call, or an old attempt's abort beside the
@@ -427,11 +430,14 @@ class PDBackend:
         task = contextvars.Context().run(asyncio.ensure_future, coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._placed:  # in flight (generate's end forgets it again)
             self._leaving.add(request_id)
-        await self._cleanup(request_id)
+        aborting = self._cleanup(request_id)
+        if aborting is not None:  # shielded: the abort goes on if this call is cancelled
+            await asyncio.shield(aborting)
 
 
 def _finish_status(output: RequestOutput) -> RequestStatus:

@@ -159,6 +159,7 @@ class FakeInstances:
         return True
 
     async def _abort(self, replica_id, request_id):
+        await asyncio.sleep(0.005)  # a round trip: a caller cancelled meanwhile never sent it
         self.aborted.append((replica_id, request_id))
         if self.hold_decode is not None:
             self.hold_decode.set()
@@ -202,7 +203,10 @@ def _in_order():
 
 async def _generate(backend: PDBackend, request_id: str = "r", max_tokens: int = 1):
     params = SamplingParams(max_tokens=max_tokens)
-    return [o async for o in backend.generate(request_id, [1, 2], params)]
+    try:
+        return [o async for o in backend.generate(request_id, [1, 2], params)]
+    finally:  # the attempts' aborts run in tasks of their own
+        await asyncio.gather(*backend._background, return_exceptions=True)
 
 
 @pytest.fixture(scope="module")
@@ -378,6 +382,29 @@ def test_a_request_that_decode_finished_is_not_aborted_anywhere(checkpoint, redi
         prefill, decode = backend._handles[Role.PREFILL], backend._handles[Role.DECODE]
         assert prefill.aborted == [] and decode.aborted == []
         assert not backend._placed
+        await backend.snapshot.stop()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_aborts_the_request_on_decode(checkpoint, redis_url):
+    """A client that leaves mid-stream: the HTTP layer's task is cancelled the way anyio cancels
+    (again at every await until the scope is left); the attempt is still aborted on decode,
+    whose blocks would otherwise stay taken until the request ran to its end."""
+    import anyio
+
+    async def main():
+        backend = await _backend(checkpoint, redis_url, {"d0": 5}, app_name="client-left")
+        decode = backend._handles[Role.DECODE]
+        decode.hold_decode = asyncio.Event()  # decode streams nothing after the first token
+        got = []
+        with anyio.CancelScope() as scope:
+            async for output in backend.generate("r", [1, 2], SamplingParams(max_tokens=4)):
+                got.append(output)
+                scope.cancel()
+        assert _tokens(got) == [[7]]
+        await asyncio.gather(*backend._background)
+        assert decode.aborted == [("d0", "r")] and not backend._placed
         await backend.snapshot.stop()
 
     asyncio.run(main())
@@ -642,6 +669,7 @@ def test_request_timeout_ends_the_request_and_aborts_it_on_both_instances(checkp
         assert sent == [[7]]  # the first token (from prefill), then nothing
         assert STATUSES == ["timeout"]
         prefill = backend._handles[Role.PREFILL]
+        await asyncio.gather(*backend._background)  # the aborts run in tasks of their own
         assert decode.aborted == [("d0", "r")] and prefill.aborted == [("p0", "r")]
         assert backend._placed == {}
         await backend.abort("r")  # the HTTP layer's abort afterwards: nothing left to abort

@@ -163,6 +163,28 @@ def test_metrics_on_the_prometheus_endpoint(server):
     assert set(after.by("ray_pdray_running_requests", "replica")) >= replicas
 
 
+def test_clients_that_leave_free_their_blocks(server):
+    """Clients that stop reading long streams part-way: the router aborts their requests on
+    decode, so every KV block is free again within seconds (not when the streams would end)."""
+    model = server["model"]
+    chunks: dict[int, int] = {}
+
+    async def leave_after(aclient, i: int):
+        def on_chunk(text: str) -> bool:
+            chunks[i] = chunks.get(i, 0) + 1
+            return chunks[i] >= 20
+
+        return await stream_text(aclient, model, [60 + i, 6, 7], MAX_MODEL_LEN - 8, on_chunk)
+
+    async def main():
+        async with async_client(server) as aclient:
+            return await asyncio.gather(*(leave_after(aclient, i) for i in range(8)))
+
+    texts = asyncio.run(main())
+    assert all(isinstance(t, str) and t for t in texts), texts
+    wait_all_blocks_free(server, 5)
+
+
 def test_decode_replica_killed_mid_run(server):
     """Requests spread over all four replicas. Then one decode replica's actor is killed while it
     streams some requests and waits for the KV of others: those without a token by then complete
