@@ -38,7 +38,6 @@ from collections.abc import Callable
 import torch
 
 from pdray.kv_transfer.base import (
-    Handoff,
     KVDescriptor,
     KVLayout,
     KVPayload,
@@ -51,12 +50,11 @@ from pdray.kv_transfer.base import (
     TransportKind,
 )
 from pdray.kv_transfer.payload import cache_payload
+from pdray.kv_transfer.wire import from_wire, to_wire
 
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
-_KINDS: dict[str, type] = {"chunk": LayerChunk, "handoff": Handoff, "abort": TransferAbort}
-_NAMES = {cls: name for name, cls in _KINDS.items()}
 _exported: dict[str, torch.Tensor] = {}  # token -> registered cache, for a receiver in this process
 
 
@@ -77,21 +75,6 @@ def _read(rfile) -> dict | None:
 def _shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-
-
-def _encode(message: Message) -> dict:
-    body = message.model_dump()
-    binary = [k for k, v in body.items() if isinstance(v, bytes)]
-    for key in binary:
-        body[key] = base64.b64encode(body[key]).decode()
-    return {"t": "msg", "kind": _NAMES[type(message)], "body": body, "b64": binary}
-
-
-def _decode(frame: dict) -> Message:
-    body = frame["body"]
-    for key in frame.get("b64", ()):
-        body[key] = base64.b64decode(body[key])
-    return _KINDS[frame["kind"]].model_validate(body)
 
 
 # -- CUDA IPC (CuPy, lazily) -----------------------------------------------------------------------
@@ -322,7 +305,7 @@ class CudaIpcTransport(KVTransport):
                 if frame["t"] == "flush":
                     _write(sock, {"t": "ack", "n": frame["n"]})
                 else:
-                    self._deliver(_decode(frame), cache, layout)
+                    self._deliver(from_wire(frame), cache, layout)
         except (OSError, ValueError, KeyError) as e:
             logger.warning("cuda_ipc: connection from a sender broke: %s", e)
         finally:
@@ -411,7 +394,7 @@ class CudaIpcTransport(KVTransport):
         """Only the header travels: the receiver finds the payload in its mapping of our cache."""
         if isinstance(message, LayerChunk) and not isinstance(payload, KVPayload):
             raise ValueError(f"a LayerChunk needs a KVPayload, got {type(payload).__name__}")
-        self._link(peer_id).write(_encode(message))
+        self._link(peer_id).write({"t": "msg", **to_wire(message)})
 
     def flush(self, peer_id: str, timeout_s: float) -> None:
         self._link(peer_id).flush(timeout_s)

@@ -20,6 +20,7 @@ import torch
 
 from pdray.kernels.kv_copy import copy_kv_blocks
 from pdray.kv_transfer.base import KVLayout, KVPayload, LayerChunk, head_slice
+from pdray.kv_transfer.wire import runs_array
 
 
 def block_pairs(runs: Sequence[tuple[int, int, int]], max_blocks: int) -> torch.Tensor:
@@ -28,7 +29,7 @@ def block_pairs(runs: Sequence[tuple[int, int, int]], max_blocks: int) -> torch.
     Built with numpy: torch's CPU ops cost milliseconds each on a busy GPU host's thread pool."""
     if not runs:
         return torch.empty((2, 0), dtype=torch.int64)
-    table = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+    table = runs_array(runs)
     counts = table[:, 2]
     if (counts < 1).any() or counts.sum() > max_blocks:
         raise ValueError(f"block runs {list(runs)[:8]}... are empty or cover more than "

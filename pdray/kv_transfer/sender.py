@@ -240,7 +240,7 @@ class KVSender:
             ticket = p.state.ticket
             p.state.num_chunks += num_layers
             for peer, heads in p.state.routes:
-                chunk = LayerChunk(
+                chunk = LayerChunk.model_construct(  # our own values: no validation per send
                     request_id=ticket.request_id, generation=ticket.generation,
                     seq_id=p.state.seq_ticket.seq_id, layer=layer, num_layers=num_layers,
                     runs=p.runs, kv_heads=heads,

@@ -25,7 +25,6 @@ a LayerChunk of n > 0 blocks one message: the packed buffer, blocks in `block_pa
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import json
 import logging
@@ -39,7 +38,6 @@ import numpy as np
 import torch
 
 from pdray.kv_transfer.base import (
-    Handoff,
     KVDescriptor,
     KVLayout,
     KVPayload,
@@ -53,28 +51,17 @@ from pdray.kv_transfer.base import (
 )
 from pdray.kv_transfer.payload import pack_payload, packed_payload
 from pdray.kv_transfer.ucx_runtime import default_host, get_runtime, is_exiting, ucxx
+from pdray.kv_transfer.wire import from_wire, to_wire
 
 logger = logging.getLogger(__name__)
 
 _FRAME_BYTES = 1 << 16
 _LEN = struct.Struct("<Q")
-_TYPES = {cls.__name__: cls for cls in (LayerChunk, Handoff, TransferAbort)}
 _FLUSH = "flush"
 
 
 def _encode(message: Message) -> bytes:
-    data = message.model_dump()
-    b64 = [name for name, value in data.items() if isinstance(value, bytes)]
-    for name in b64:
-        data[name] = base64.b64encode(data[name]).decode()
-    return json.dumps({"type": type(message).__name__, "b64": b64, "message": data}).encode()
-
-
-def _decode(header: dict) -> Message:
-    data = header["message"]
-    for name in header["b64"]:
-        data[name] = base64.b64decode(data[name])
-    return _TYPES[header["type"]].model_validate(data)
+    return json.dumps(to_wire(message)).encode()
 
 
 def _frames(body: bytes) -> list[bytes]:
@@ -186,10 +173,10 @@ class UcxTransport(KVTransport):
                     raw = bytearray(length)
                     await ep.recv(raw)
                 header = json.loads(raw)
-                if header["type"] == _FLUSH:
+                if header.get("type") == _FLUSH:
                     await ep.send(np.array([header["seq"]], np.uint64))
                     continue
-                message = _decode(header)
+                message = from_wire(header)
                 key = (message.request_id, message.generation)
                 if isinstance(message, LayerChunk):
                     tickets.add(key)
