@@ -122,6 +122,13 @@ def _sender_main(conn, num_blocks: int, device: str = "cuda:0") -> None:
     transport.close()
 
 
+def _reply(conn, what: str, timeout_s: float = 120.0):
+    """The sender process's next message; RuntimeError if none comes within `timeout_s`."""
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"the sender process sent no {what} within {timeout_s:g} s")
+    return conn.recv()
+
+
 def _headers_only(transport, cache, count: int = 1000) -> float:
     """Seconds per LayerChunk header through the transport alone (the receiver ignores them)."""
     from pdray.kv_transfer.base import LayerChunk
@@ -177,7 +184,7 @@ def bandwidth(
     sender = ctx.Process(target=_sender_main, args=(child_conn, num_blocks, str(sender_device)),
                          daemon=True)  # fmt: skip
     sender.start()
-    if conn.recv() != "ready":
+    if _reply(conn, "start-up", 300.0) != "ready":
         raise RuntimeError("sender process failed to start")
     largest = max([*lengths, *fragmented_lengths, 8192]) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
     big_src = torch.empty(largest, dtype=torch.uint8, device=receiver_device).random_()
@@ -219,7 +226,7 @@ def bandwidth(
             apply_s[0] = 0.0
             marks.clear()
             conn.send((ticket.model_dump(), src, streamed))
-            started, elapsed, on_layer_s, num_messages = conn.recv()
+            started, elapsed, on_layer_s, num_messages = _reply(conn, f"report of {request_id}")
             ((_, state, _, error),) = receiver.poll()
             if state is not TicketState.COMPLETE:
                 raise RuntimeError(f"transfer of {request_id} ended {state.value}: {error}")
@@ -265,7 +272,7 @@ def bandwidth(
         report["cases"].append(case)
         print(json.dumps(case), flush=True)
     conn.send("headers")
-    report["transport_us_per_header"] = conn.recv() * 1e6
+    report["transport_us_per_header"] = _reply(conn, "header timing") * 1e6
     conn.send(None)
     sender.join(timeout=30)
     transport.close()
@@ -288,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttft-tokens", type=int, default=8192)
     parser.add_argument("--ttft-rounds", type=int, default=3)
     parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--skip-bandwidth", action="store_true", help="the TTFT part alone")
     parser.add_argument(
         "--sender-device",
         type=cuda_device,
@@ -329,17 +337,19 @@ def main(argv: list[str] | None = None) -> None:
         }
     lengths = [int(n) for n in args.lengths.split(",")]
     fragmented = tuple(int(n) for n in args.fragmented_lengths.split(",") if n)
-    report["bandwidth"] = bandwidth(
-        lengths, args.iters, sender_device, receiver_device, fragmented_lengths=fragmented
-    )
-    output.write_text(json.dumps(report, indent=2))
+    if not args.skip_bandwidth:
+        report["bandwidth"] = bandwidth(
+            lengths, args.iters, sender_device, receiver_device, fragmented_lengths=fragmented
+        )
+        output.write_text(json.dumps(report, indent=2))
     torch.cuda.empty_cache()
     if not args.skip_ttft:
         report["ttft"] = ttft(args.ttft_tokens, args.ttft_rounds, sender_device, receiver_device)
         output.write_text(json.dumps(report, indent=2))
-    bw = report["bandwidth"]
-    print(f"plain D2D copy ({bw['d2d_large_bytes'] / 1e9:.1f} GB): {bw['d2d_large_gbps']:.0f} GB/s; "
-          f"transport {bw['transport_us_per_header']:.1f} us per header")  # fmt: skip
+    bw = report.get("bandwidth", {"cases": []})
+    if bw["cases"]:
+        print(f"plain D2D copy ({bw['d2d_large_bytes'] / 1e9:.1f} GB): {bw['d2d_large_gbps']:.0f} GB/s; "
+              f"transport {bw['transport_us_per_header']:.1f} us per header")  # fmt: skip
     if "peer_large_gbps" in bw:
         print(f"plain peer copy {bw['sender_device']} -> {bw['receiver_device']}: "
               f"{bw['peer_large_gbps']:.0f} GB/s (peer access: {bw['peer_access']})")  # fmt: skip
@@ -356,9 +366,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{c['receiver_apply_gbps']:.0f} GB/s  exact={c['exact']}")  # fmt: skip
     if "ttft" in report:
         t = report["ttft"]
-        print(f"TTFT {t['prompt_tokens']} tokens ({t['attention_backend']}): "
+        print(f"{t['prompt_tokens']} tokens ({t['attention_backend']}), submit to decode's "
+              "admission (KV in place; prefill_only: to its hand-off): "
               + ", ".join(f"{m} {v:.1f} ms" for m, v in t["ttft_ms"].items())
               + f"; stream/prefill_only {t['vs_prefill_only']['stream']:.3f}")  # fmt: skip
+        print(
+            "  prefill's first token (the client's first token): "
+            + ", ".join(f"{m} {v:.1f} ms" for m, v in t["prefill_first_token_ms"].items())
+        )
         for mode, timeline in t["timeline_median_ms"].items():
             print(f"  {mode:<12} " + " ".join(f"{k}={v:.1f}" for k, v in timeline.items()))
 

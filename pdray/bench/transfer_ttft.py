@@ -19,6 +19,7 @@ from pdray.kv_transfer.base import Ticket
 
 MODEL = "dummy:llama3-8b"
 BLOCK = 16
+REPLY_TIMEOUT_S = 300.0  # an engine process's start (CUDA graphs) is the longest wait
 
 
 def cuda_device(name: str | torch.device) -> torch.device:
@@ -98,6 +99,7 @@ def _engine_main(role: str, engine_args: dict, conn) -> None:
     from pdray.disagg.decode import DecodeWorker
     from pdray.disagg.prefill import PrefillWorker
     from pdray.engine.llm_engine import LLMEngine
+    from pdray.engine.role_worker import PrefillResult, RequestFailed
 
     # The engine does not select its GPU: CUDA graphs, the sender's events and Triton launches
     # use the current device, which a spawned process has as cuda:0.
@@ -135,15 +137,23 @@ def _engine_main(role: str, engine_args: dict, conn) -> None:
         if worker.has_work():
             for out in worker.step():
                 now = time.monotonic()
-                if role == "prefill":
+                if isinstance(out, RequestFailed):
+                    conn.send(("failed", now, str(out.error)))
+                elif isinstance(out, PrefillResult):  # KV handed off (or why not)
                     conn.send(("prefilled", now, out.error))
+                elif role == "prefill":  # the first token, streamed before the hand-off
+                    conn.send(("first_token", now, out.outputs[0].token_ids))
                 else:
                     conn.send(("output", now, out.finished))
 
 
-def _expect(conn, kind: str) -> tuple:
+def _expect(conn, kind: str | tuple[str, ...], timeout_s: float = REPLY_TIMEOUT_S) -> tuple:
+    """The next message of an engine process, which must be of `kind` (or one of them);
+    RuntimeError if another comes, or none within `timeout_s` (the process died, or hangs)."""
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"an engine process sent no {kind!r} within {timeout_s:g} s")
     message = conn.recv()
-    if message[0] != kind:
+    if message[0] not in ((kind,) if isinstance(kind, str) else kind):
         raise RuntimeError(f"expected {kind!r}, got {message!r}")
     return message
 
@@ -201,6 +211,7 @@ def ttft(
     rng = random.Random(0)
     samples: dict[str, list[float]] = {mode: [] for mode in MODES}
     timelines: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    token_samples: dict[str, list[float]] = {mode: [] for mode in MODES}
     for round_ in range(1 + rounds):  # round 0 warms up
         for mode in MODES:
             request_id = f"ttft-{mode}-{round_}"
@@ -211,13 +222,16 @@ def ttft(
                 ticket = _expect(decode, "ticket")[1]
             prefill.send(("submit", (request_id, prompt, params, ticket, mode)))
             submitted = _expect(prefill, "submitted")[1]
-            _, prefilled, error = _expect(prefill, "prefilled")
+            token_at = None  # the first token, streamed to the client before the hand-off
+            while (reply := _expect(prefill, ("first_token", "prefilled"), 60.0))[0] != "prefilled":
+                token_at = reply[1]
+            _, prefilled, error = reply
             if error:
                 raise RuntimeError(f"prefill of {request_id} failed: {error}")
             first = prefilled
             if ticket is not None:
-                first = _expect(decode, "output")[1]
-                while not _expect(decode, "output")[2]:
+                first = _expect(decode, "output", 60.0)[1]  # admitted: the KV is in place
+                while not _expect(decode, "output", 60.0)[2]:
                     pass
             for conn in conns.values():
                 conn.send(("trace", ()))
@@ -225,6 +239,8 @@ def ttft(
             if round_:
                 samples[mode].append(first - submitted)
                 timelines[mode].append(_timeline(submitted, first, sends, applies))
+                if token_at is not None:
+                    token_samples[mode].append(token_at - submitted)
     for conn in conns.values():
         conn.send(("close", ()))
     for proc in procs:
@@ -249,6 +265,10 @@ def ttft(
             for m, v in MODES.items()
         },  # fmt: skip
         "ttft_ms": {mode: t * 1e3 for mode, t in median.items()},
+        # prefill's first token (what a client gets first since it comes from prefill)
+        "prefill_first_token_ms": {
+            mode: statistics.median(s) * 1e3 for mode, s in token_samples.items() if s
+        },
         "samples_ms": {mode: [t * 1e3 for t in s] for mode, s in samples.items()},
         "vs_prefill_only": {mode: t / median["prefill_only"] for mode, t in median.items()},
         "timeline_median_ms": {
