@@ -112,6 +112,18 @@ def _engine_main(role: str, engine_args: dict, conn) -> None:
     else:
         worker = DecodeWorker(engine, transport, engine_id="bench-decode", lease_s=600.0)
     conn.send(("ready", getattr(worker, "descriptor", None), engine.runner.backend.name))
+
+    def report(request_id: str, out) -> None:
+        now = time.monotonic()
+        if isinstance(out, RequestFailed):
+            conn.send(("failed", now, str(out.error)))
+        elif isinstance(out, PrefillResult):  # KV handed off (or why not)
+            conn.send(("prefilled", now, out.error))
+        elif role == "prefill":  # the first token, streamed before the hand-off
+            conn.send(("first_token", now, out.outputs[0].token_ids))
+        else:  # decode: the admission (the KV is in place), then each step's output
+            conn.send(("output", now, out.finished))
+
     spin = False
     while True:
         while conn.poll(_wait_s(worker, spin)):
@@ -135,16 +147,7 @@ def _engine_main(role: str, engine_args: dict, conn) -> None:
             conn.send(("submitted", time.monotonic()))
             worker.submit(request_id, prompt, params, ticket and Ticket(**ticket))
         if worker.has_work():
-            for out in worker.step():
-                now = time.monotonic()
-                if isinstance(out, RequestFailed):
-                    conn.send(("failed", now, str(out.error)))
-                elif isinstance(out, PrefillResult):  # KV handed off (or why not)
-                    conn.send(("prefilled", now, out.error))
-                elif role == "prefill":  # the first token, streamed before the hand-off
-                    conn.send(("first_token", now, out.outputs[0].token_ids))
-                else:
-                    conn.send(("output", now, out.finished))
+            worker.step(report)  # each output as it is emitted, as the engine loop streams it
 
 
 def _expect(conn, kind: str | tuple[str, ...], timeout_s: float = REPLY_TIMEOUT_S) -> tuple:

@@ -135,6 +135,14 @@ def num_senders(src_size: int, dst: KVLayout) -> int:
     )
 
 
+def gpu_uuid(tensor: torch.Tensor) -> str | None:
+    """The UUID of the GPU holding `tensor` (one per physical GPU, whatever CUDA_VISIBLE_DEVICES
+    says), or None off CUDA."""
+    if not tensor.is_cuda:
+        return None
+    return str(torch.cuda.get_device_properties(tensor.device).uuid)
+
+
 class KVDescriptor(BaseModel):
     """How a peer reaches a receiver: exchanged in the handshake (crosses processes)."""
 

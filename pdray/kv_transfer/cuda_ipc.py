@@ -48,6 +48,7 @@ from pdray.kv_transfer.base import (
     TransferAbort,
     TransferError,
     TransportKind,
+    gpu_uuid,
 )
 from pdray.kv_transfer.payload import cache_payload
 from pdray.kv_transfer.wire import from_wire, to_wire
@@ -259,7 +260,7 @@ class CudaIpcTransport(KVTransport):
             layout=self._layout,
             address=f"{self.host}:{port}",
             host=socket.gethostname(),
-            extra={"pid": os.getpid()},
+            extra={"pid": os.getpid(), "gpu": gpu_uuid(kv_cache)},
         )
 
     def mapped_caches(self) -> list[torch.Tensor]:

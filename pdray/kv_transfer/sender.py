@@ -147,6 +147,10 @@ class KVSender:
         self.set_plan(wire)
         return wire
 
+    def planned_receivers(self) -> list[KVDescriptor]:
+        """The decode ranks this step's plan sends to."""
+        return [peer for p in self._plan for peer, _ in p.state.routes]
+
     def set_plan(self, wire: WirePlan) -> None:
         num_blocks = self.kv_cache.shape[2]
         self._plan = [
