@@ -20,6 +20,7 @@ from pdray.kv_transfer.base import Ticket
 MODEL = "dummy:llama3-8b"
 BLOCK = 16
 REPLY_TIMEOUT_S = 300.0  # an engine process's start (CUDA graphs) is the longest wait
+STEP_TIMEOUT_S = 60.0  # an output of a request already running
 
 
 def cuda_device(name: str | torch.device) -> torch.device:
@@ -226,15 +227,16 @@ def ttft(
             prefill.send(("submit", (request_id, prompt, params, ticket, mode)))
             submitted = _expect(prefill, "submitted")[1]
             token_at = None  # the first token, streamed to the client before the hand-off
-            while (reply := _expect(prefill, ("first_token", "prefilled"), 60.0))[0] != "prefilled":
+            kinds = ("first_token", "prefilled")
+            while (reply := _expect(prefill, kinds, STEP_TIMEOUT_S))[0] != "prefilled":
                 token_at = reply[1]
             _, prefilled, error = reply
             if error:
                 raise RuntimeError(f"prefill of {request_id} failed: {error}")
             first = prefilled
             if ticket is not None:
-                first = _expect(decode, "output", 60.0)[1]  # admitted: the KV is in place
-                while not _expect(decode, "output", 60.0)[2]:
+                first = _expect(decode, "output", STEP_TIMEOUT_S)[1]  # admitted: KV in place
+                while not _expect(decode, "output", STEP_TIMEOUT_S)[2]:
                     pass
             for conn in conns.values():
                 conn.send(("trace", ()))

@@ -2,30 +2,24 @@
 (`cuda_ipc`, `ucx`).
 
 A message is {"kind": "chunk" | "handoff" | "abort", "body": its fields, "b64": the names of its
-bytes fields, which travel in base64}; a LayerChunk's block runs travel as one base64 string of int64 triples. A fragmented
-block table makes many runs (every other block of an 8k prompt: 512 a chunk), and as nested JSON
-lists they cost about 0.9 ms a chunk to dump and parse on this project's 2-core CPU, more than
-the copy of the chunk takes on a GPU; packed they cost some 0.1 ms.
+bytes fields, which travel in base64}. A LayerChunk's block runs travel as one base64 string of
+int64 triples: a fragmented block table makes many runs (every other block of an 8k prompt: 512
+a chunk), and as nested JSON lists they made the sender's `send` of such a chunk take 0.46 ms on
+the H200 host against 0.25 ms packed (docs/performance.md, "Where a one-GPU transfer's time
+goes").
 """
 
 from __future__ import annotations
 
 import base64
-import itertools
-from collections.abc import Sequence
 
 import numpy as np
 
 from pdray.kv_transfer.base import Handoff, LayerChunk, Message, TransferAbort
+from pdray.kv_transfer.payload import runs_array
 
 _KINDS: dict[str, type] = {"chunk": LayerChunk, "handoff": Handoff, "abort": TransferAbort}
 _NAMES = {cls: name for name, cls in _KINDS.items()}
-
-
-def runs_array(runs: Sequence[tuple[int, int, int]]) -> np.ndarray:
-    """[n, 3] int64 (numpy's conversion of a list of tuples costs ~0.4 us an element)."""
-    flat = np.fromiter(itertools.chain.from_iterable(runs), dtype=np.int64, count=3 * len(runs))
-    return flat.reshape(-1, 3)
 
 
 def to_wire(message: Message) -> dict:
