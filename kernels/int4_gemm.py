@@ -9,6 +9,8 @@ Three paths, chosen from M alone (`Int4Path`):
   byte permute per code (the code under 1.0's exponent bits), sum (code - zero) x =
   128 sum v x - (128 + zero) sum x: a code costs a permute and a multiply-add, a chunk's sums
   are scaled once; x is read with 16-byte loads, and each step's loads are issued a step ahead.
+  Up to 4096 columns a program instead holds x's whole row in registers (each thread its own
+  chunks, converted and summed once) and walks tiles of rows (`programs_per_sm`).
 - `GEMM` (M up to PREFILL_MIN_M): a [BLOCK_N, group columns] tile is dequantized in registers to
   x's dtype, rounded as `dequantize` rounds, and fed to the tensor cores (`tl.dot`) against
   x's even and odd columns; `inline_asm` does that dequantization two codes per instruction
@@ -54,6 +56,9 @@ class Int4Config:
     num_stages: int
     inline_asm: bool = True  # decode codes with PTX (byte permutes; bf16x2/f16x2) on CUDA
     words_per_chunk: int = 4  # GEMV: a thread's unit of 8-code words (1, 2 or 4)
+    # GEMV: 0 = a program per BLOCK_N rows, K in steps of block_groups; n > 0 = n programs a
+    # multiprocessor, each holding all of x's row in registers and walking tiles of BLOCK_N rows
+    programs_per_sm: int = 0
 
 
 # Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels
@@ -64,6 +69,12 @@ class Int4Config:
 _GEMV_CONFIG = Int4Config(1, 4, 4, num_warps=2, num_stages=1)
 _GEMV_CONFIG_NARROW = Int4Config(1, 4, 8, num_warps=4, num_stages=1)
 _GEMV_NARROW_N = 16384
+# Up to 4096 columns (one 32-code chunk a thread, at most 4 warps) the x-stationary GEMV is faster:
+# 2 rows a tile, 4 programs a multiprocessor (docs/performance.md, "The int4 GEMV with x held in
+# registers": qkv 10.1 -> 7.6 us, o 7.3 -> 5.9, gate_up 31.9 -> 27.1; down, 14336 columns, 18.7
+# against 19.1 at best, keeps the kernel above)
+_X_STATIONARY_MAX_K = 4096
+_X_STATIONARY = Int4Config(1, 2, 1, num_warps=4, num_stages=1, programs_per_sm=4)
 _GEMM_CONFIGS: dict[int, Int4Config] = {
     16: Int4Config(16, 32, 2, num_warps=4, num_stages=3),
     64: Int4Config(64, 32, 2, num_warps=4, num_stages=3),
@@ -77,9 +88,14 @@ def choose_path(m: int) -> Int4Path:
     return Int4Path.GEMM if m < PREFILL_MIN_M else Int4Path.DEQUANT_MATMUL
 
 
-def default_config(path: Int4Path, m: int, group_size: int, n: int | None = None) -> Int4Config:
-    """Tuned block sizes for a path, M (and N, for the GEMV); block_groups scaled so a step
+def default_config(
+    path: Int4Path, m: int, group_size: int, n: int | None = None, k: int | None = None
+) -> Int4Config:
+    """Tuned block sizes for a path, M (and N and K, for the GEMV); block_groups scaled so a step
     covers 128+ columns."""
+    if path is Int4Path.GEMV and k is not None and k <= _X_STATIONARY_MAX_K:
+        warps = min(4, max(1, triton.next_power_of_2(k // 32) // 32))
+        return dataclasses.replace(_X_STATIONARY, num_warps=warps)
     if path is Int4Path.GEMV:
         cfg = _GEMV_CONFIG_NARROW if n is not None and n < _GEMV_NARROW_N else _GEMV_CONFIG
     else:
@@ -291,6 +307,91 @@ def _int4_gemv_kernel(
     tl.store(out_ptr + row * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
+@triton.jit
+def _gemv_tile_loads(q_ptr, s_ptr, z_ptr, tile, num_tiles, N, stride_qn, stride_sn, ci,
+                     num_chunks, BLOCK_N: tl.constexpr, CPG: tl.constexpr,
+                     WPC: tl.constexpr):  # fmt: skip
+    """Row tile `tile`'s weight words [R, C, WPC] and float32 scales and zeros [R, C] for chunks
+    `ci`; 0 past the last chunk or tile (rows past N re-read row N - 1, never stored)."""
+    rows = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+    cmask = ci < tl.where(tile < num_tiles, num_chunks, 0)
+    kw = tl.arange(0, WPC)[None, None, :]
+    q_offs = rows[:, None, None] * stride_qn + (ci * WPC)[None, :, None] + kw
+    qw = tl.load(q_ptr + q_offs, mask=cmask[None, :, None], other=0)
+    sz_offs = rows[:, None] * stride_sn + (ci // CPG)[None, :]
+    s = tl.load(s_ptr + sz_offs, mask=cmask[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz_offs, mask=cmask[None, :], other=0.0).to(tl.float32)
+    return qw, s, z
+
+
+@triton.jit
+def _gemv_tile_store(acc, tile, b_ptr, out_ptr, N, BLOCK_N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):  # fmt: skip
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    out = tl.sum(acc, 1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _int4_gemv_x_stationary_kernel(
+    x_ptr,  # int32 pairs of x [1, K], as _int4_gemv_kernel
+    q_ptr,  # int32 words [N, K // 8]
+    s_ptr,  # [N, K // GROUP]
+    z_ptr,  # [N, K // GROUP]
+    b_ptr,  # [N]
+    out_ptr,  # [1, N]
+    N,
+    num_groups,
+    stride_qn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INLINE_ASM: tl.constexpr,
+    X_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # chunks of a row: the next power of two of K // (8 WPC)
+    WPC: tl.constexpr,
+):
+    """One row of x held in registers for the whole program: thread t owns chunks t, t + T, ...
+    of every row, loads their x once, and the program walks row tiles pid, pid + P, ... (P
+    programs). The per-x work of _int4_gemv_kernel (x's floats and their chunk sums, a third of
+    its instructions where each thread takes one row) is loop-invariant here and done once; a
+    tile costs a permute and a multiply-add a code plus one reduction of BLOCK_N sums across
+    the program. Two tiles' loads are in flight in turn, as in _int4_gemv_kernel."""
+    CPG: tl.constexpr = GROUP // (8 * WPC)
+    num_tiles = tl.cdiv(N, BLOCK_N)
+    step = tl.num_programs(0)
+    ci = tl.arange(0, BLOCK_C)
+    num_chunks = num_groups * CPG
+    pair = tl.minimum(ci, num_chunks - 1) * (4 * WPC)
+    cmask = ci < num_chunks
+    x0 = _x_word(x_ptr, pair, cmask, INLINE_ASM)
+    x1, x2, x3 = x0, x0, x0
+    if WPC >= 2:
+        x1 = _x_word(x_ptr, pair + 4, cmask, INLINE_ASM)
+    if WPC == 4:
+        x2 = _x_word(x_ptr, pair + 8, cmask, INLINE_ASM)
+        x3 = _x_word(x_ptr, pair + 12, cmask, INLINE_ASM)
+    zero = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    tile = tl.program_id(0)
+    qa, sa, za = _gemv_tile_loads(q_ptr, s_ptr, z_ptr, tile, num_tiles, N, stride_qn, stride_sn,
+                                  ci, num_chunks, BLOCK_N, CPG, WPC)  # fmt: skip
+    for t in range(tile, num_tiles, 2 * step):
+        qb, sb, zb = _gemv_tile_loads(q_ptr, s_ptr, z_ptr, t + step, num_tiles, N, stride_qn,
+                                      stride_sn, ci, num_chunks, BLOCK_N, CPG, WPC)  # fmt: skip
+        acc = _gemv_step(zero, (qa, sa, za, x0, x1, x2, x3), X_BF16, INLINE_ASM, BLOCK_N,
+                         BLOCK_C, WPC)  # fmt: skip
+        _gemv_tile_store(acc, t, b_ptr, out_ptr, N, BLOCK_N, HAS_BIAS)
+        qa, sa, za = _gemv_tile_loads(q_ptr, s_ptr, z_ptr, t + 2 * step, num_tiles, N,
+                                      stride_qn, stride_sn, ci, num_chunks, BLOCK_N, CPG,
+                                      WPC)  # fmt: skip
+        acc = _gemv_step(zero, (qb, sb, zb, x0, x1, x2, x3), X_BF16, INLINE_ASM, BLOCK_N,
+                         BLOCK_C, WPC)  # fmt: skip
+        _gemv_tile_store(acc, t + step, b_ptr, out_ptr, N, BLOCK_N, HAS_BIAS)
+
+
 # -- GEMM: tiles dequantized to x's dtype, tensor cores ----------------------------------------
 
 
@@ -485,6 +586,29 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _x_stationary_gemv(x_pairs, words, scales, zeros, bias_arg, out, num_groups, cfg, is_cuda,
+                       x_bf16, **common):  # fmt: skip
+    """`_int4_gemv_x_stationary_kernel` over each row of x (one launch a row; M is 1 here)."""
+    n = words.shape[0]
+    wpc = cfg.words_per_chunk
+    block_c = triton.next_power_of_2(num_groups * common["GROUP"] // (8 * wpc))
+    tiles = triton.cdiv(n, cfg.block_n)
+    grid = (min(tiles, cfg.programs_per_sm * _num_sms(out.device)),)
+    common = {k: v for k, v in common.items() if k != "BLOCK_G"}
+    for row in range(x_pairs.shape[0]):
+        _int4_gemv_x_stationary_kernel[grid](
+            x_pairs[row], words, scales, zeros, bias_arg, out[row], n, num_groups,
+            words.stride(0), scales.stride(0), INLINE_ASM=cfg.inline_asm and is_cuda,
+            X_BF16=x_bf16, BLOCK_C=block_c, WPC=wpc, **common,
+        )  # fmt: skip
+
+
 def int4_linear(
     x: torch.Tensor,
     q: Int4Weight,
@@ -523,7 +647,7 @@ def int4_linear(
         return out.reshape(*lead, n)
     qweight, scales, zeros = (_unit_stride(t) for t in (q.qweight, q.scales, q.zeros))
     group, num_groups = q.group_size, scales.shape[1]
-    cfg = config or default_config(path, m, group, n)
+    cfg = config or default_config(path, m, group, n, k)
     bias_arg = bias if bias is not None else scales
     common = dict(GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
                   BLOCK_G=cfg.block_groups, num_warps=cfg.num_warps,
@@ -535,6 +659,10 @@ def int4_linear(
         if x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte loads of x
             x2 = x2.clone(memory_format=torch.contiguous_format)
         x_pairs = x2.view(torch.int32)
+        if cfg.programs_per_sm:
+            _x_stationary_gemv(x_pairs, words, scales, zeros, bias_arg, out, num_groups, cfg,
+                               x.is_cuda, x.dtype == torch.bfloat16, **common)  # fmt: skip
+            return out.reshape(*lead, n)
         grid = (m * triton.cdiv(n, cfg.block_n),)
         _int4_gemv_kernel[grid](
             x_pairs, words, scales, zeros, bias_arg, out, n, num_groups,

@@ -218,17 +218,22 @@ def tune_grid(m: int) -> dict[str, list[tuple]]:
     if m == 1:
         sizes = [(bn, bk) for bk in (512, 1024, 2048) for bn in (2, 4, 8)]
         grid["gemv"] += [(1, bn, bk, False, w, 3) for bn, bk in sizes for w in (2, 4, 8)]
-        # int4 GEMV (words per chunk c): a step's x chunks (bg * 16 / c) at most half the
-        # threads (else Triton routes x through shared memory), 1-8 chunks of rows per thread
+        # int4 GEMV (words per chunk c): a step of 32 w t chunks (t per thread) puts the warps
+        # along K, so each thread holds all bn rows of its chunks and reads their x once
+        # (bn c t <= 32 words of rows a thread, at most 4096 columns a step); then the two
+        # defaults, whose warps take rows (a step's chunks fewer than the threads)
         grid["int4_gemv"] += [
-            (1, bn, bg, w, 1, True, c)
+            (1, bn, 2 * w * t * c, w, 1, True, c)
             for c in (1, 2, 4)
-            for bn in (4, 8, 16, 32)
-            for bg in (1, 2, 4, 8)
-            for w in (2, 4, 8)
-            if bg * 16 // c <= 16 * w and 32 * w <= bn * bg * 16 // c <= 256 * w
+            for w in (1, 2, 4, 8)
+            for t in (1, 2)
+            for bn in (2, 4, 8, 16)
+            if bn * c * t <= 32 and 2 * w * t * c <= 32
         ]
-        grid["int4_gemv"] += [(1, 16, 4, 4, 1, False)]
+        grid["int4_gemv"] += [(1, 4, 4, 2, 1), (1, 4, 8, 4, 1), (1, 16, 4, 4, 1, False)]
+        # x held in registers, tiles of bn rows, p programs a multiprocessor
+        grid["int4_gemv"] += [(1, bn, 1, w, 1, True, 4, p) for bn in (1, 2, 4) for w in (4, 8)
+                              for p in (2, 4, 8)]  # fmt: skip
         return grid
     if m <= 4:
         fma_m = 1 << (m - 1).bit_length()

@@ -76,7 +76,15 @@ def test_every_path_at_every_m(device, dtype, group_size, m, path):
     if path == "gemv":
         configs += [Int4Config(1, 8, 2, 4, 2, inline_asm=False),
                     Int4Config(1, 4, 1, 2, 1, inline_asm=not INTERPRET, words_per_chunk=1),
-                    Int4Config(1, 16, 2, 4, 1, inline_asm=not INTERPRET, words_per_chunk=2)]  # fmt: skip
+                    Int4Config(1, 16, 2, 4, 1, inline_asm=not INTERPRET, words_per_chunk=2),
+                    # a step's chunks span the warps: each thread holds all rows of its chunk
+                    Int4Config(1, 8, 8, 4, 1, inline_asm=not INTERPRET, words_per_chunk=1),
+                    Int4Config(1, 4, 32, 4, 1, inline_asm=not INTERPRET),
+                    # x held by each program, which walks tiles of rows (12 tiles, 8 or 5
+                    # programs under the interpreter: some take two tiles, some one)
+                    Int4Config(1, 4, 1, 4, 1, inline_asm=not INTERPRET, programs_per_sm=2),
+                    Int4Config(1, 8, 1, 2, 1, inline_asm=False, words_per_chunk=1,
+                               programs_per_sm=1)]  # fmt: skip
     if path == "gemm":
         configs += [Int4Config(16, 16, 1, 4, 2, inline_asm=not INTERPRET),
                     Int4Config(32, 32, 2, 4, 2, inline_asm=False)]  # fmt: skip
