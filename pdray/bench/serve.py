@@ -5,8 +5,9 @@ result keys where the concept is the same.
         --vocab-size 128256 --random-input-len 1024 --random-output-len 128 --num-prompts 500 \\
         --request-rates 1,2,4,8,inf --goodput ttft:500 tpot:50 --save-result
 
-Steps: GET /v1/models (model name; vocab size when the server reports it) -> build the request set
-(seeded) -> warm-up requests (not measured) -> for each request rate: send every request on its
+Steps: GET /v1/models (model name; vocab size when the server reports it) -> build the request sets
+(seeded; the warm-ups and each rate have prompts of their own, so that a prefix cache cannot
+answer a measured prompt) -> warm-up requests (not measured) -> for each request rate: send every request on its
 arrival schedule, streaming, and time it -> metrics (see docs/benchmarks.md and
 `pdray.bench.serve_metrics`) -> print a table, save the result JSON and PNG plots (CDFs of TTFT,
 TPOT, ITL and E2E; for several rates, p99 TTFT/ITL and goodput against the rate).
@@ -191,19 +192,30 @@ def _rates(args: argparse.Namespace) -> list[float]:
     return rates
 
 
+WARMUP_DRAW = -1
+
+
 def build_requests(
-    args: argparse.Namespace, prompt_type: PromptType, vocab_size: int | None
+    args: argparse.Namespace, prompt_type: PromptType, vocab_size: int | None, draw: int = 0
 ) -> list[SampleRequest]:
-    rng = np.random.default_rng(args.seed)
+    """The request set of draw `draw`: 0 for the first rate (seeded by --seed alone), i for the
+    rate after i others, WARMUP_DRAW for the warm-ups. Each draw has prompts of its own: a
+    server with prefix caching would otherwise answer every rate after the first, and the
+    warmed-up prompts of the first, from its cache, and TTFT would not include the prefill."""
+    if draw == 0:
+        rng = np.random.default_rng(args.seed)
+    else:  # [seed, 1] draws the arrivals; [seed, 0] would be the seed's own stream
+        rng = np.random.default_rng([args.seed, 2 if draw == WARMUP_DRAW else draw + 2])
+    num = args.num_warmups if draw == WARMUP_DRAW else args.num_prompts
     dataset = DatasetName(args.dataset_name)
     if dataset is DatasetName.SHAREGPT:
         if not args.dataset_path:
             raise ValueError("--dataset-name sharegpt needs --dataset-path")
-        return sharegpt_requests(args.dataset_path, args.num_prompts, rng, args.sharegpt_output_len)
+        return sharegpt_requests(args.dataset_path, num, rng, args.sharegpt_output_len)
     if dataset is DatasetName.PREFIX and not args.prefix_len:
         raise ValueError("--dataset-name prefix needs --prefix-len > 0 (tokens of shared prefix)")
     return random_requests(
-        args.num_prompts,
+        num,
         input_len=args.random_input_len,
         output_len=args.random_output_len,
         range_ratio=args.random_range_ratio,
@@ -271,8 +283,9 @@ def check_args(args: argparse.Namespace) -> Options:
 
 async def connect(
     client: httpx.AsyncClient, args: argparse.Namespace, options: Options
-) -> tuple[Endpoint, list[SampleRequest]]:
-    """Ask the server for its models, then build the endpoint and the request set."""
+) -> tuple[Endpoint, int | None]:
+    """Ask the server for its models, then build the endpoint; also the vocab size to draw
+    token-id prompts from (--vocab-size, else what the server reports)."""
     base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
     models_url = f"{base_url}/v1/models"
     try:
@@ -286,7 +299,8 @@ async def connect(
     if model is None:
         raise ValueError(f"{models_url} lists no model; pass --model")
     card = next((c for c in cards if c.get("id") == model), {})
-    requests = build_requests(args, options.prompt_type, args.vocab_size or card.get("vocab_size"))
+    vocab_size = args.vocab_size or card.get("vocab_size")
+    build_requests(args, options.prompt_type, vocab_size)  # bad dataset flags fail before sending
     endpoint = Endpoint(
         url=base_url + (args.endpoint or BACKENDS[args.backend]),
         model=model,
@@ -295,18 +309,17 @@ async def connect(
         ignore_eos=args.ignore_eos,
         extra_body=options.extra_body,
     )
-    return endpoint, requests
+    return endpoint, vocab_size
 
 
 async def warm_up(
     client: httpx.AsyncClient,
     endpoint: Endpoint,
     requests: list[SampleRequest],
-    num: int,
     max_concurrency: int | None,
 ) -> None:
-    """Send `num` requests of the set (cycling) at once, unmeasured."""
-    warmups = [requests[i % len(requests)] for i in range(num)]
+    """Send the warm-up requests at once, unmeasured."""
+    warmups, num = requests, len(requests)
     print(f"Warming up with {num} requests...", flush=True)
     results, _ = await run_requests(
         client, endpoint, warmups, [0.0] * num, max_concurrency=max_concurrency
@@ -371,11 +384,13 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The whole benchmark: one result dict per request rate (saved with --save-result)."""
     options = check_args(args)
     async with make_client(args.request_timeout_s) as client:
-        endpoint, requests = await connect(client, args, options)
+        endpoint, vocab_size = await connect(client, args, options)
         if args.num_warmups:
-            await warm_up(client, endpoint, requests, args.num_warmups, args.max_concurrency)
+            warmups = build_requests(args, options.prompt_type, vocab_size, WARMUP_DRAW)
+            await warm_up(client, endpoint, warmups, args.max_concurrency)
         results = []
-        for rate in options.rates:
+        for i, rate in enumerate(options.rates):
+            requests = build_requests(args, options.prompt_type, vocab_size, draw=i)
             result = await run_rate(client, endpoint, requests, rate, args, options)
             print_result(result, options.metrics, options.percentiles, args.breakdown)
             results.append(result)

@@ -529,3 +529,20 @@ def test_result_filename_path_is_honoured(tmp_path, where):
     want = {"absolute": tmp_path / "abs" / "run.json", "subfolder": tmp_path / "dir/sub/run.json",
             "bare": tmp_path / "dir" / "run.json"}[where]  # fmt: skip
     assert path == want and json.loads(path.read_text())["request_rate"] == 2.0
+
+
+def test_each_rate_and_the_warm_ups_get_prompts_of_their_own():
+    """A server with prefix caching must never see a measured prompt twice in one sweep: the
+    warm-ups and every rate after the first are their own draws; the first rate is the seed's."""
+    from pdray.bench.serve import WARMUP_DRAW, build_requests, parse_args
+
+    args = parse_args(["--vocab-size", "384", "--random-input-len", "32", "--num-prompts", "6",
+                       "--num-warmups", "3", "--seed", "3"])  # fmt: skip
+    sets = {d: build_requests(args, PromptType.TOKEN_IDS, 384, d) for d in (0, 1, 2, WARMUP_DRAW)}
+    assert [r.prompt for r in sets[0]] == [r.prompt for r in rand(6, 32, 128, 0.0, seed=3,
+                                                                 vocab_size=384)]  # fmt: skip
+    assert len(sets[WARMUP_DRAW]) == 3 and all(len(sets[d]) == 6 for d in (0, 1, 2))
+    prompts = [tuple(r.prompt) for d in sets for r in sets[d]]
+    assert len(set(prompts)) == len(prompts) == 21
+    again = build_requests(args, PromptType.TOKEN_IDS, 384, 2)
+    assert [r.prompt for r in again] == [r.prompt for r in sets[2]]  # seeded
