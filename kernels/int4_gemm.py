@@ -197,17 +197,9 @@ def _word(words, xw, X_BF16: tl.constexpr, INLINE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_loads(q_rows, x_row, s_rows, z_rows, chunk, num_chunks,
-                CPG: tl.constexpr, WPC: tl.constexpr, INLINE_ASM: tl.constexpr):  # fmt: skip
-    """A step's operands: weight words [R, C, WPC] (0 past the last chunk), scales and zeros
-    [R, C] (float32; 0 past the last group), x pairs (WPC words x 4 int32 [C]; the unused words
-    repeat the first; read from the last chunk past it, cancelled by the zero scale)."""
-    cmask = chunk < num_chunks
-    kw = tl.arange(0, WPC)[None, None, :]
-    qw = tl.load(q_rows + (chunk * WPC)[None, :, None] + kw, mask=cmask[None, :, None], other=0)
-    grp = chunk // CPG
-    s = tl.load(s_rows + grp[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
-    z = tl.load(z_rows + grp[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+def _x_loads(x_row, chunk, num_chunks, cmask, WPC: tl.constexpr, INLINE_ASM: tl.constexpr):
+    """x pairs of `chunk` (WPC words x 4 int32 [C]; the unused words repeat the first; read
+    from the last chunk past it)."""
     pair = tl.minimum(chunk, num_chunks - 1) * (4 * WPC)  # x pairs of the chunk's first word
     x0 = _x_word(x_row, pair, cmask, INLINE_ASM)
     x1, x2, x3 = x0, x0, x0
@@ -216,6 +208,22 @@ def _gemv_loads(q_rows, x_row, s_rows, z_rows, chunk, num_chunks,
     if WPC == 4:
         x2 = _x_word(x_row, pair + 8, cmask, INLINE_ASM)
         x3 = _x_word(x_row, pair + 12, cmask, INLINE_ASM)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _gemv_loads(q_rows, x_row, s_rows, z_rows, chunk, num_chunks,
+                CPG: tl.constexpr, WPC: tl.constexpr, INLINE_ASM: tl.constexpr):  # fmt: skip
+    """A step's operands: weight words [R, C, WPC] (0 past the last chunk), scales and zeros
+    [R, C] (float32; 0 past the last group), and `_x_loads` (x past the last chunk is cancelled
+    by the zero scale)."""
+    cmask = chunk < num_chunks
+    kw = tl.arange(0, WPC)[None, None, :]
+    qw = tl.load(q_rows + (chunk * WPC)[None, :, None] + kw, mask=cmask[None, :, None], other=0)
+    grp = chunk // CPG
+    s = tl.load(s_rows + grp[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_rows + grp[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+    x0, x1, x2, x3 = _x_loads(x_row, chunk, num_chunks, cmask, WPC, INLINE_ASM)
     return qw, s, z, x0, x1, x2, x3
 
 
@@ -365,15 +373,7 @@ def _int4_gemv_x_stationary_kernel(
     step = tl.num_programs(0)
     ci = tl.arange(0, BLOCK_C)
     num_chunks = num_groups * CPG
-    pair = tl.minimum(ci, num_chunks - 1) * (4 * WPC)
-    cmask = ci < num_chunks
-    x0 = _x_word(x_ptr, pair, cmask, INLINE_ASM)
-    x1, x2, x3 = x0, x0, x0
-    if WPC >= 2:
-        x1 = _x_word(x_ptr, pair + 4, cmask, INLINE_ASM)
-    if WPC == 4:
-        x2 = _x_word(x_ptr, pair + 8, cmask, INLINE_ASM)
-        x3 = _x_word(x_ptr, pair + 12, cmask, INLINE_ASM)
+    x0, x1, x2, x3 = _x_loads(x_ptr, ci, num_chunks, ci < num_chunks, WPC, INLINE_ASM)
     zero = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     tile = tl.program_id(0)
     qa, sa, za = _gemv_tile_loads(q_ptr, s_ptr, z_ptr, tile, num_tiles, N, stride_qn, stride_sn,
