@@ -300,7 +300,6 @@ async def connect(
         raise ValueError(f"{models_url} lists no model; pass --model")
     card = next((c for c in cards if c.get("id") == model), {})
     vocab_size = args.vocab_size or card.get("vocab_size")
-    build_requests(args, options.prompt_type, vocab_size)  # bad dataset flags fail before sending
     endpoint = Endpoint(
         url=base_url + (args.endpoint or BACKENDS[args.backend]),
         model=model,
@@ -385,12 +384,14 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     options = check_args(args)
     async with make_client(args.request_timeout_s) as client:
         endpoint, vocab_size = await connect(client, args, options)
+        # every set before anything is sent: bad dataset flags fail first
+        sets = [build_requests(args, options.prompt_type, vocab_size, i)
+                for i in range(len(options.rates))]  # fmt: skip
         if args.num_warmups:
             warmups = build_requests(args, options.prompt_type, vocab_size, WARMUP_DRAW)
             await warm_up(client, endpoint, warmups, args.max_concurrency)
         results = []
-        for i, rate in enumerate(options.rates):
-            requests = build_requests(args, options.prompt_type, vocab_size, draw=i)
+        for rate, requests in zip(options.rates, sets, strict=True):
             result = await run_rate(client, endpoint, requests, rate, args, options)
             print_result(result, options.metrics, options.percentiles, args.breakdown)
             results.append(result)
