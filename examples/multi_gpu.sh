@@ -6,6 +6,10 @@
 #   3. serving: 1 prefill + 1 decode on two GPUs vs 2 mixed replicas on the same two GPUs
 #
 #   bash examples/multi_gpu.sh OUT [STEP...]     (steps 1 2 3 by default)
+#
+# Step 3 in two parts, e.g. one per device call: 3p (1P1D only), then 3m (mixed, and the
+# comparison once both sweeps are in OUT). BENCH_FLAGS adds pdray.bench.serve flags to step 3
+# (e.g. BENCH_FLAGS="--disable-tqdm --no-plots").
 set -euo pipefail
 out=$1
 shift
@@ -35,17 +39,21 @@ for step in $steps; do
         python -m pdray.bench.transfer --output "$out/transfer_2gpu.json" \
             --sender-device cuda:0 --receiver-device cuda:1
         ;;
-    3)
+    3 | 3p | 3m)
         flags=(--dataset-name random --vocab-size 128256 --random-input-len 2048
                --random-output-len 192 --random-range-ratio 0.33 --num-prompts 200
                --request-rates 2,4,8,12,16 --ignore-eos --num-warmups 4 --seed 0
-               --goodput ttft:1000 tpot:40)
-        bash examples/serve_benchmark.sh examples/serve_1p1d_2gpu.yaml "$out" 1p1d "${flags[@]}" \
-            --breakdown  # where the 1P1D TTFT goes (PD spans)
-        bash examples/serve_benchmark.sh examples/serve_mixed_2gpu.yaml "$out" mixed "${flags[@]}"
-        python -m pdray.bench.serve_compare "$out/1p1d-sweep.json" "$out/mixed-sweep.json" \
-            --plot "$out/1p1d_vs_mixed.png" | tee "$out/1p1d_vs_mixed.md"
+               --goodput ttft:1000 tpot:40 ${BENCH_FLAGS:-})
+        if [ "$step" != 3m ]; then
+            bash examples/serve_benchmark.sh examples/serve_1p1d_2gpu.yaml "$out" 1p1d \
+                "${flags[@]}" --breakdown  # where the 1P1D TTFT goes (PD spans)
+        fi
+        if [ "$step" != 3p ]; then
+            bash examples/serve_benchmark.sh examples/serve_mixed_2gpu.yaml "$out" mixed "${flags[@]}"
+            python -m pdray.bench.serve_compare "$out/1p1d-sweep.json" "$out/mixed-sweep.json" \
+                --plot "$out/1p1d_vs_mixed.png" | tee "$out/1p1d_vs_mixed.md"
+        fi
         ;;
-    *) echo "unknown step $step (1, 2 or 3)" >&2; exit 2 ;;
+    *) echo "unknown step $step (1, 2, 3, 3p or 3m)" >&2; exit 2 ;;
     esac
 done

@@ -14,11 +14,13 @@ Three paths, chosen from M alone (`Int4Path`):
 - `GEMM` (M up to PREFILL_MIN_M): a [BLOCK_N, group columns] tile is dequantized in registers to
   x's dtype, rounded as `dequantize` rounds, and fed to the tensor cores (`tl.dot`) against
   x's even and odd columns; `inline_asm` does that dequantization two codes per instruction
-  (bf16x2/f16x2 arithmetic, sm_80+).
+  (bf16x2/f16x2 arithmetic, sm_80+). Split over K (`split_k`) where the output tiles alone
+  would leave multiprocessors idle: each split stores fp32 partial sums and the last of a tile
+  to arrive adds them up in split order (a per-stream arrival counter it re-arms).
 - `DEQUANT_MATMUL` (prefill): the weight is dequantized into a scratch [N, K] tensor in x's dtype
   and multiplied by cuBLAS, which keeps the tensor cores busier than a fused Triton GEMM.
-GEMV and GEMM allocate only the output and never sync with the host, so they can be captured in a
-CUDA graph. Reference: `pdray.quantization.int4.int4_linear_reference`.
+GEMV and GEMM allocate only the output (and split-K's partial sums) and never sync with the host,
+so they can be captured in a CUDA graph. Reference: `pdray.quantization.int4.int4_linear_reference`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class Int4Config:
     # GEMV: 0 = a program per BLOCK_N rows, K in steps of block_groups; n > 0 = n programs a
     # multiprocessor, each holding all of x's row in registers and walking tiles of BLOCK_N rows
     programs_per_sm: int = 0
+    # GEMM: programs per output tile, each over its share of K's groups; the last of a tile to
+    # finish sums their fp32 partials (no second kernel). 0: as many as it takes to reach
+    # programs_per_sm programs a multiprocessor (at least 1 a tile)
+    split_k: int = 1
 
 
 # Picked on one H200 by `python -m pdray.bench.linear --tune` (docs/performance.md, "Linear kernels
@@ -75,9 +81,12 @@ _GEMV_NARROW_N = 16384
 # against 19.1 at best, keeps the kernel above)
 _X_STATIONARY_MAX_K = 4096
 _X_STATIONARY = Int4Config(1, 2, 1, num_warps=4, num_stages=1, programs_per_sm=4)
+# GEMM at M <= 64: split over K until there are 4 (M <= 16) or 2 programs a multiprocessor, one
+# group a step (docs/performance.md, "Split-K for the int4 GEMM": the four layers at M = 16
+# 111 -> 86 us, at M = 64 166 -> 148 us)
 _GEMM_CONFIGS: dict[int, Int4Config] = {
-    16: Int4Config(16, 32, 2, num_warps=4, num_stages=3),
-    64: Int4Config(64, 32, 2, num_warps=4, num_stages=3),
+    16: Int4Config(16, 64, 1, num_warps=4, num_stages=3, programs_per_sm=4, split_k=0),
+    64: Int4Config(64, 32, 1, num_warps=4, num_stages=3, programs_per_sm=2, split_k=0),
     PREFILL_MIN_M: Int4Config(64, 64, 2, num_warps=4, num_stages=3),
 }
 
@@ -448,9 +457,12 @@ def _int4_gemm_kernel(
     z_ptr,  # [N, K // GROUP]
     b_ptr,  # [N]
     out_ptr,  # [M, N]
+    part_ptr,  # fp32 [SPLIT_K, M, N] (SPLIT_K > 1)
+    count_ptr,  # int32 [tiles], zero between launches (SPLIT_K > 1)
     M,
     N,
     num_groups,
+    groups_per_split,  # a multiple of BLOCK_G
     stride_xm,
     stride_qn,
     stride_sn,
@@ -458,6 +470,7 @@ def _int4_gemm_kernel(
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_G: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     INLINE_ASM: tl.constexpr,
     ASM: tl.constexpr,  # the PTX of _dequant_asm for x's dtype
     ASM_MAGIC: tl.constexpr,  # 128.0 (bf16) or 1024.0 (fp16)
@@ -468,17 +481,19 @@ def _int4_gemm_kernel(
     GB: tl.constexpr = GROUP // 2  # bytes per group
     BLOCK_KB: tl.constexpr = BLOCK_G * GB  # bytes (column pairs) per step
     num_m_tiles = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)  # M tiles of one N tile run together: its weight tile is read once
-    rm = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (pid // num_m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = tl.program_id(0)  # M tiles of one N tile run together: its weight tile is read once
+    split = tl.program_id(1)
+    rm = (tile % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (tile // num_m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N or M re-read the last; never stored
     x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_xm
+    g_end = tl.minimum(num_groups, (split + 1) * groups_per_split)
     gi = tl.arange(0, BLOCK_G)
     bi = tl.arange(0, GB)
     q_rows = q_ptr + rows[:, None, None] * stride_qn
     dtype = out_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for g0 in range(0, num_groups, BLOCK_G):
+    for g0 in range(split * groups_per_split, g_end, BLOCK_G):
         g = g0 + gi
         byte = g[:, None] * GB + bi[None, :]  # [BLOCK_G, GB]
         sz_offs = rows[:, None] * stride_sn + g[None, :]
@@ -489,12 +504,11 @@ def _int4_gemm_kernel(
             z = tl.load(z_ptr + sz_offs)
             x = tl.load(x_rows + cols[None, :])
         else:
-            gmask = g < num_groups
+            gmask = g < g_end
             qb = tl.load(q_rows + byte[None, :, :], mask=gmask[None, :, None], other=0)
             s = tl.load(s_ptr + sz_offs, mask=gmask[None, :], other=0.0)
             z = tl.load(z_ptr + sz_offs, mask=gmask[None, :], other=0.0)
-            x = tl.load(x_rows + cols[None, :], mask=cols[None, :] < num_groups * GROUP, other=0.0)
-        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_KB, 2]))
+            x = tl.load(x_rows + cols[None, :], mask=cols[None, :] < g_end * GROUP, other=0.0)
         if INLINE_ASM:
             neg_zero = (-(z.to(tl.float32) + ASM_MAGIC)).to(dtype)
             shape: tl.constexpr = [BLOCK_N, BLOCK_G, GB]
@@ -510,13 +524,29 @@ def _int4_gemm_kernel(
             high = ((((qi >> 4) | _MAGIC).to(tl.float32, bitcast=True) - zf) * sf).to(dtype)
         low = tl.reshape(low, [BLOCK_N, BLOCK_KB])
         high = tl.reshape(high, [BLOCK_N, BLOCK_KB])
+        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_KB, 2]))
         acc = tl.dot(x_even, tl.trans(low), acc)
         acc = tl.dot(x_odd, tl.trans(high), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out_ptrs, acc.to(dtype), mask=mask)
+    if SPLIT_K > 1:
+        # Each split stores its partial sums; the tile's last to count in adds them up in split
+        # order (the sum does not depend on which finished last) and re-arms the counter.
+        parts = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(parts + split * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's stores before the release below
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for i in range(SPLIT_K):
+                acc += tl.load(parts + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+            tl.store(out_ptrs, acc.to(dtype), mask=mask)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(dtype), mask=mask)
 
 
 # -- DEQUANT_MATMUL: dequantize into a scratch weight, then cuBLAS ----------------------------
@@ -584,6 +614,24 @@ def _check(x: torch.Tensor, q: Int4Weight) -> None:
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+_counters: dict[tuple, torch.Tensor] = {}
+_retired: list[torch.Tensor] = []  # outgrown counters: graphs captured with them still use them
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Split-K arrival counters, zero between launches (the last arrival re-arms its tile's).
+    One set per (device, stream): launches on one stream run one after another, so they can
+    share; graphs captured on a stream keep theirs."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counts = _counters.get(key)
+    if counts is None or counts.numel() < tiles:
+        if counts is not None:
+            _retired.append(counts)
+        counts = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _counters[key] = counts
+    return counts
 
 
 def _num_sms(device: torch.device) -> int:
@@ -672,12 +720,23 @@ def int4_linear(
         )  # fmt: skip
     else:
         block_m = max(16, cfg.block_m)
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n),)
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
+        split_k = cfg.split_k or triton.cdiv(max(1, cfg.programs_per_sm) * _num_sms(x.device),
+                                             tiles)  # fmt: skip
+        # each split a whole number of steps; splits past the last group would have no work
+        per_split = triton.cdiv(triton.cdiv(num_groups, split_k), cfg.block_groups)
+        per_split *= cfg.block_groups
+        split_k = triton.cdiv(num_groups, per_split)
+        parts = counts = out
+        if split_k > 1:
+            parts = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+            counts = _tile_counters(x.device, tiles)
         asm, asm_magic = _ASM[x.dtype]
-        _int4_gemm_kernel[grid](
-            x2, qweight, scales, zeros, bias_arg, out, m, n, num_groups,
+        _int4_gemm_kernel[(tiles, split_k)](
+            x2, qweight, scales, zeros, bias_arg, out, parts, counts, m, n, num_groups, per_split,
             x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             INLINE_ASM=cfg.inline_asm and x.is_cuda, ASM=asm, ASM_MAGIC=asm_magic,
-            EVEN_G=num_groups % cfg.block_groups == 0, BLOCK_M=block_m, **common,
+            EVEN_G=num_groups % cfg.block_groups == 0 and num_groups % per_split == 0,
+            SPLIT_K=split_k, BLOCK_M=block_m, **common,
         )  # fmt: skip
     return out.reshape(*lead, n)

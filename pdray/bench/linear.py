@@ -211,9 +211,15 @@ def tune_grid(m: int) -> dict[str, list[tuple]]:
     """Block-size candidates at M, per kernel: gemv (GemvConfig fields), int4_gemv and int4_gemm
     (Int4Config fields; block_groups counted in groups of 128 columns)."""
     grid: dict[str, list[tuple]] = {"gemv": [], "int4_gemv": [], "int4_gemm": []}
+    # int4 GEMM split over K (last two fields: programs a multiprocessor, split; split 0 = as
+    # many as fill the programs a multiprocessor, so it follows the layer's N)
     if m > 16:
         grid["int4_gemm"] += [(64, bn, bg, 4, 3) for bn in (32, 64) for bg in (1, 2)]
         grid["int4_gemm"] += [(64, 64, 1, 4, 3, False), (128, 64, 1, 8, 3)]
+        grid["int4_gemm"] += [(64, bn, bg, w, 3, True, 4, p, 0) for bn in (32, 64, 128)
+                              for bg in (1, 2) for w in (4, 8) for p in (2, 4)]  # fmt: skip
+        grid["int4_gemm"] += [(64, bn, 1, 4, 3, True, 4, 0, sk) for bn in (32, 64, 128)
+                              for sk in (2, 4, 8)]  # fmt: skip
         return grid
     if m == 1:
         sizes = [(bn, bk) for bk in (512, 1024, 2048) for bn in (2, 4, 8)]
@@ -244,6 +250,8 @@ def tune_grid(m: int) -> dict[str, list[tuple]]:
                      for st in (3, 5)]  # fmt: skip
     grid["int4_gemm"] += [(16, bn, bg, 4, 3) for bn in (16, 32, 64) for bg in (1, 2)]
     grid["int4_gemm"] += [(16, 16, 1, 4, 3, False), (16, 32, 2, 4, 3, False)]
+    grid["int4_gemm"] += [(16, bn, bg, 4, 3, True, 4, p, 0) for bn in (16, 32, 64, 128)
+                          for bg in (1, 2) for p in (2, 4)]  # fmt: skip
     return grid
 
 

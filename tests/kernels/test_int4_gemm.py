@@ -10,6 +10,8 @@ every M it can take; under TRITON_INTERPRET=1 (CPU) only small shapes and fp16.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_utils import HAS_CUDA, INTERPRET, NEEDS_GPU, TOLERANCE, rel_error
@@ -87,7 +89,12 @@ def test_every_path_at_every_m(device, dtype, group_size, m, path):
                                programs_per_sm=1)]  # fmt: skip
     if path == "gemm":
         configs += [Int4Config(16, 16, 1, 4, 2, inline_asm=not INTERPRET),
-                    Int4Config(32, 32, 2, 4, 2, inline_asm=False)]  # fmt: skip
+                    Int4Config(32, 32, 2, 4, 2, inline_asm=False),
+                    # split-K: 3 groups of 128 (12 of 32) over 2-3 splits, the last one shorter
+                    # (or empty splits dropped: 16 asked, at most one step each)
+                    Int4Config(16, 16, 1, 4, 2, inline_asm=not INTERPRET, split_k=2),
+                    Int4Config(16, 32, 1, 4, 2, inline_asm=False, split_k=3),
+                    Int4Config(16, 16, 1, 4, 2, inline_asm=not INTERPRET, split_k=16)]  # fmt: skip
     for config in configs:
         got = int4_linear(x, q, path=Int4Path(path), config=config)
         assert got.shape == (2, m, 48)
@@ -126,22 +133,28 @@ def test_dequantize_equals_the_reference(device, dtype, group_size):
 
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("m", [1, 8])
-def test_captured_in_a_cuda_graph(m):
-    from pdray.kernels.int4_gemm import choose_path, int4_linear
+@pytest.mark.parametrize(("m", "split_k"), [(1, 1), (8, 1), (8, 4), (64, 8)])
+def test_captured_in_a_cuda_graph(m, split_k):
+    """Replayed twice with new inputs: split-K's arrival counters re-arm between launches."""
+    from pdray.kernels.int4_gemm import choose_path, default_config, int4_linear
 
     gen = torch.Generator().manual_seed(m)
     q = _weight(gen, 4096, 4096, 128, torch.bfloat16, "cuda")
     x = torch.randn(m, 4096, generator=gen).to("cuda", torch.bfloat16)
-    int4_linear(x, q)  # compile outside the capture
+    path = choose_path(m)
+    config = default_config(path, m, 128, 4096, 4096)
+    if split_k > 1:
+        config = dataclasses.replace(config, split_k=split_k)
+    int4_linear(x, q, config=config)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = int4_linear(x, q)
-    x.copy_(torch.randn(m, 4096, generator=gen))
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    _check(out, x, q, None, torch.bfloat16, choose_path(m))
+        out = int4_linear(x, q, config=config)
+    for _ in range(2):
+        x.copy_(torch.randn(m, 4096, generator=gen))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, x, q, None, torch.bfloat16, path)
 
 
 def test_rejects_what_it_cannot_compute(device):
