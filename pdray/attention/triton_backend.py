@@ -5,15 +5,22 @@ Per step the Triton backend picks one kernel:
   from device tensors only, so a decode step can be captured in a CUDA graph;
 - fresh prompts (no cached context) of at least `SDPA_MIN_TOKENS` tokens -> torch's SDPA per
   sequence on K/V read back from the cache (faster than the Triton prefill there; measured, see
-  docs/performance.md);
+  docs/performance.md). cuDNN's SDPA builds a plan for every new sequence length (~50 ms on an
+  H200, paid by each request whose prompt length the process had not seen), so prompts under
+  `CUDNN_MIN_TOKENS` use the other SDPA kernels (flash: as fast there, no plan), and longer ones
+  go to cuDNN padded to a multiple of `CUDNN_LEN_MULTIPLE` (one plan per bucket; causal
+  attention leaves the real rows unchanged by keys after them);
 - anything else (chunked prefill, prefix-cache hits, mixed batches) -> paged prefill.
 Imported only on CUDA hosts: the registry imports this module lazily.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pdray.attention.base import AttentionBackend, AttentionMetadata
 from pdray.attention.torch_backend import gather_context
@@ -23,6 +30,16 @@ from pdray.kernels.paged_prefill import paged_prefill_attention
 from pdray.layers.fused import fused_ops
 
 SDPA_MIN_TOKENS = 1024
+CUDNN_MIN_TOKENS = 4096
+CUDNN_LEN_MULTIPLE = 1024
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_backends(backends: list[SDPBackend]):
+    """SDPA restricted to `backends`, tried in that order where torch lets us say so (2.6+)."""
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(backends, set_priority=True)
+    return sdpa_kernel(backends)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -92,19 +109,34 @@ class TritonAttentionBackend(AttentionBackend):
         start = 0
         for i, seq_len in enumerate(meta.seq_lens_cpu):
             k, v = gather_context(kv_cache, meta.block_tables[i], seq_len)  # [L, Hkv, D]
-            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, L, D]
-            q = query[start : start + seq_len].transpose(0, 1)  # [Hq, L, D]
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(0),
-                k.unsqueeze(0),
-                v.unsqueeze(0),
-                is_causal=True,
-                scale=scale,
-                enable_gqa=True,
-            )  # [1, Hq, L, D]
-            out[start : start + seq_len] = o[0].transpose(0, 1)
+            q = query[start : start + seq_len]  # [L, Hq, D]
+            out[start : start + seq_len] = causal_sdpa(q, k, v, scale)
             start += seq_len
         return out
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one fresh sequence: q [L, Hq, D], k and v [L, Hkv, D] -> [L, Hq, D].
+    Below CUDNN_MIN_TOKENS without cuDNN; from there cuDNN on L padded up to a multiple of
+    CUDNN_LEN_MULTIPLE (the padded rows come after every real one, so no real row sees them)."""
+    seq_len = q.shape[0]
+    if seq_len < CUDNN_MIN_TOKENS:
+        backends, padded = _NO_CUDNN, seq_len
+    else:
+        backends = [SDPBackend.CUDNN_ATTENTION, *_NO_CUDNN]
+        padded = -(-seq_len // CUDNN_LEN_MULTIPLE) * CUDNN_LEN_MULTIPLE
+    if padded != seq_len:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - seq_len)) for t in (q, k, v))
+    with _sdpa_backends(backends):
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, H, L, D]
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )  # [1, Hq, L, D]
+    return o[0, :, :seq_len].transpose(0, 1)
 
 
 class VllmFlashAttnBackend(TritonAttentionBackend):

@@ -108,3 +108,25 @@ def test_decode_graph_matches_eager(checkpoint):
         again = graphs.run(batch).clone()
     assert torch.allclose(replayed, eager, rtol=1e-4, atol=1e-4)
     assert torch.equal(replayed, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("seq_len", "cudnn_min"), [(1500, 4096), (4100, 4096), (300, 256)])
+def test_fresh_prompt_sdpa_matches_float32_attention(monkeypatch, dtype, seq_len, cudnn_min):
+    """`causal_sdpa` without cuDNN below CUDNN_MIN_TOKENS, and with cuDNN on a padded length
+    above it (4100 -> 5120; 300 -> 512 with the threshold lowered to 256), equals float32
+    attention computed directly."""
+    from pdray.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "CUDNN_MIN_TOKENS", cudnn_min)
+    monkeypatch.setattr(triton_backend, "CUDNN_LEN_MULTIPLE", min(1024, cudnn_min))
+    gen = torch.Generator(device="cuda").manual_seed(seq_len)
+    q, k, v = (torch.randn(seq_len, h, 128, device="cuda", generator=gen).to(dtype)
+               for h in (32, 8, 8))  # fmt: skip
+    got = triton_backend.causal_sdpa(q, k, v, 128**-0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    kf, vf = (t.float().repeat_interleave(4, dim=1) for t in (k, v))
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * 128**-0.5
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device="cuda").triu(1)
+    ref = torch.einsum("hqk,khd->qhd", scores.masked_fill(mask, float("-inf")).softmax(-1), vf)
+    assert (got.float() - ref).abs().max().item() < 2e-2
