@@ -27,6 +27,7 @@ class Quantization(str, enum.Enum):
 
 
 PREFILL_STEP_TOKENS = 2048
+PREFILL_FIRST_CHUNK_TOKENS = 8192
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _TP_BACKENDS = ("auto", "nccl", "gloo")
@@ -47,6 +48,12 @@ class EngineConfig:
     # all of it, while above ~2k tokens a step is near the device's matmul rate anyway
     # (docs/performance.md, "Prefill scheduling for TTFT").
     max_num_batched_tokens: int | None = None
+    # Tokens a step may give the first sequence it schedules, where that is more than
+    # max_num_batched_tokens: a prompt up to this long is computed in one step rather than cut
+    # into chunks, and other prompts join a step only within max_num_batched_tokens. None:
+    # max_num_batched_tokens, or PREFILL_FIRST_CHUNK_TOKENS for a prefill engine whose
+    # max_num_batched_tokens is left to its default.
+    first_chunk_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
@@ -70,9 +77,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", _as_role(self.role))
         object.__setattr__(self, "quantization", _as_quantization(self.quantization))
+        prefill_default = self.role is Role.PREFILL and self.max_num_batched_tokens is None
         if self.max_num_batched_tokens is None:
             default = PREFILL_STEP_TOKENS if self.role is Role.PREFILL else 8192
             object.__setattr__(self, "max_num_batched_tokens", default)
+        if self.first_chunk_tokens is None:  # an explicit step budget caps every step
+            first = PREFILL_FIRST_CHUNK_TOKENS if prefill_default else 0
+            object.__setattr__(self, "first_chunk_tokens", max(first, self.max_num_batched_tokens))
         dtype = str(self.dtype).removeprefix("torch.")
         object.__setattr__(self, "dtype", {"half": "float16", "float": "float32"}.get(dtype, dtype))
         self._validate()
@@ -90,6 +101,7 @@ class EngineConfig:
         for name in (
             "max_num_seqs",
             "max_num_batched_tokens",
+            "first_chunk_tokens",
             "block_size",
             "tensor_parallel_size",
         ):
@@ -111,6 +123,11 @@ class EngineConfig:
             raise bad("kv_cache_memory_bytes", "must be a positive integer or None")
         if not isinstance(self.quantize_lm_head, bool):
             raise bad("quantize_lm_head", "must be true or false")
+
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step can compute."""
+        return max(self.max_num_batched_tokens, self.first_chunk_tokens)
 
     def replace(self, **changes) -> EngineConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -77,6 +77,7 @@ class LLMEngine:
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            first_chunk_tokens=config.first_chunk_tokens,
         )
         self.requests: dict[str, Request] = {}
         self._seq_to_request: dict[str, Request] = {}

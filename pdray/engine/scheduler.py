@@ -2,7 +2,8 @@
 
 Each step gets a token budget (max_num_batched_tokens). Running sequences are served first, in
 admission order: a decoding sequence takes one token, a sequence still prefilling takes the next
-chunk of its prompt. Waiting sequences are admitted with what budget is left, after prefix-cache
+chunk of its prompt. The first sequence of a step may take up to first_chunk_tokens (if that is
+more), so a prefill engine with a small budget computes a lone prompt in one step, not in chunks. Waiting sequences are admitted with what budget is left, after prefix-cache
 matching. When blocks run out, the most recently admitted running sequence is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later.
 
@@ -43,10 +44,12 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        first_chunk_tokens: int | None = None,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.first_chunk_tokens = max(first_chunk_tokens or 0, max_num_batched_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}
@@ -70,7 +73,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, self._allowance(budget, out))
             if not self._grow_or_preempt(seq, num_new, scheduled, out):
                 continue  # seq itself was preempted (out of `running`): the next one is at i
             out.scheduled.append(ScheduledSeq(seq, num_new))
@@ -84,7 +87,7 @@ class Scheduler:
             fresh = not seq.block_table  # admitted remote-KV sequences arrive with their blocks
             if fresh:
                 self.block_manager.match_prefix(seq)
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, self._allowance(budget, out))
             if not self.block_manager.grow(seq, seq.num_computed_tokens + num_new):
                 if fresh:
                     self.block_manager.free(seq)  # undo the prefix match; retry next step
@@ -95,6 +98,10 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
+
+    def _allowance(self, budget: int, out: SchedulerOutput) -> int:
+        """Tokens the next sequence may take: first_chunk_tokens for a step's first one."""
+        return budget if out.scheduled else self.first_chunk_tokens
 
     def _grow_or_preempt(
         self, seq: Sequence, num_new: int, scheduled: set[int], out: SchedulerOutput

@@ -188,11 +188,11 @@ class ModelRunner:
         return peak
 
     def largest_step(self, max_model_len: int) -> tuple[StepBatch, int]:
-        """The step with the most activations this engine can run: max_num_batched_tokens fresh
-        tokens over up to max_num_seqs sequences, each sampling with top-k; and the number of
-        KV blocks it needs."""
+        """The step with the most activations this engine can run: max_step_tokens fresh tokens
+        over up to max_num_seqs sequences, each sampling with top-k; and the number of KV blocks
+        it needs."""
         cfg = self.config
-        num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * max_model_len)
+        num_tokens = min(cfg.max_step_tokens, cfg.max_num_seqs * max_model_len)
         num_seqs = min(cfg.max_num_seqs, num_tokens)
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         block_size = cfg.block_size

@@ -143,12 +143,35 @@ def test_reservation_fails_cleanly_when_cache_full():
 def test_prefill_engines_take_smaller_steps_by_default():
     from pdray.config import PREFILL_STEP_TOKENS, EngineConfig
 
-    assert EngineConfig(model="dummy:tiny").max_num_batched_tokens == 8192
+    mixed = EngineConfig(model="dummy:tiny")
+    assert mixed.max_num_batched_tokens == mixed.first_chunk_tokens == mixed.max_step_tokens == 8192
     prefill = EngineConfig(model="dummy:tiny", role="prefill")
     assert prefill.max_num_batched_tokens == PREFILL_STEP_TOKENS == 2048
-    explicit = EngineConfig(model="dummy:tiny", role="prefill", max_num_batched_tokens=8192)
-    assert explicit.max_num_batched_tokens == 8192
+    assert prefill.first_chunk_tokens == prefill.max_step_tokens == 8192  # a lone prompt
+    explicit = EngineConfig(model="dummy:tiny", role="prefill", max_num_batched_tokens=8)
+    assert explicit.max_num_batched_tokens == explicit.first_chunk_tokens == 8  # caps every step
     assert prefill.replace(role="mixed").max_num_batched_tokens == 2048  # stays what it was
+    small = EngineConfig(model="dummy:tiny", max_num_batched_tokens=512, first_chunk_tokens=4096)
+    assert small.max_step_tokens == 4096
+
+
+def test_a_lone_prompt_is_not_cut_but_others_join_only_within_the_budget():
+    """Budget 4, first chunk 12: a step's first prompt takes up to 12 tokens; a second prompt
+    joins only while the budget of 4 has room; a 20-token prompt still goes in chunks of 12."""
+    bm = BlockManager(64, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4, first_chunk_tokens=12)
+    for seq in (make_seq(10, "a"), make_seq(3, "b", 100), make_seq(20, "c", 200)):
+        sched.add(seq)
+    assert run_step(sched).plan == [("a", 10, True)]  # was 4 + 4 + 2 over three steps
+    # a decodes (1 token, the step's first), b joins within the budget, c gets what is left
+    assert run_step(sched).sizes == [("a", 1), ("b", 3)]
+    sched.finish(sched.running[0], FinishReason.STOP)
+    sched.finish(sched.running[0], FinishReason.STOP)
+    assert run_step(sched).sizes == [("c", 12)]
+    assert run_step(sched).sizes == [("c", 8)]
+    without = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=4)
+    without.add(make_seq(10, "a"))
+    assert run_step(without).sizes == [("a", 4)]  # first_chunk_tokens defaults to the budget
 
 
 def test_a_request_with_several_sequences_yields_its_own_before_a_single_one():
