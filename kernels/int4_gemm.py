@@ -83,7 +83,7 @@ _X_STATIONARY_MAX_K = 4096
 _X_STATIONARY = Int4Config(1, 2, 1, num_warps=4, num_stages=1, programs_per_sm=4)
 # GEMM at M <= 64: split over K until there are 4 (M <= 16) or 2 programs a multiprocessor, one
 # group a step (docs/performance.md, "Split-K for the int4 GEMM": the four layers at M = 16
-# 111 -> 86 us, at M = 64 166 -> 148 us)
+# 111 -> 86 us, at M = 64 162 -> 148 us, in one sweep)
 _GEMM_CONFIGS: dict[int, Int4Config] = {
     16: Int4Config(16, 64, 1, num_warps=4, num_stages=3, programs_per_sm=4, split_k=0),
     64: Int4Config(64, 32, 1, num_warps=4, num_stages=3, programs_per_sm=2, split_k=0),
