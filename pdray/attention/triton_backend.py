@@ -35,11 +35,12 @@ CUDNN_LEN_MULTIPLE = 1024
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch 2.6+
+
+
 def _sdpa_backends(backends: list[SDPBackend]):
-    """SDPA restricted to `backends`, tried in that order where torch lets us say so (2.6+)."""
-    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
-        return sdpa_kernel(backends, set_priority=True)
-    return sdpa_kernel(backends)
+    """SDPA restricted to `backends`, tried in that order where torch lets us say so."""
+    return sdpa_kernel(backends, set_priority=True) if _SET_PRIORITY else sdpa_kernel(backends)
 
 
 class TritonAttentionBackend(AttentionBackend):
