@@ -3,9 +3,10 @@
 Each step gets a token budget (max_num_batched_tokens). Running sequences are served first, in
 admission order: a decoding sequence takes one token, a sequence still prefilling takes the next
 chunk of its prompt. The first sequence of a step may take up to first_chunk_tokens (if that is
-more), so a prefill engine with a small budget computes a lone prompt in one step, not in chunks. Waiting sequences are admitted with what budget is left, after prefix-cache
-matching. When blocks run out, the most recently admitted running sequence is preempted: its blocks
-are freed and it goes back to the front of the queue to be recomputed later.
+more), so a prefill engine with a small budget computes a lone prompt in one step, not in chunks.
+Waiting sequences are admitted with what budget is left, after prefix-cache matching. When blocks
+run out, the most recently admitted running sequence is preempted: its blocks are freed and it goes
+back to the front of the queue to be recomputed later.
 
 Queues:  waiting -> running -> (finished | held)          held: prefill role, blocks kept
          awaiting_kv -> running                          decode role, KV written from elsewhere
