@@ -9,6 +9,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import os
+import sys
 import threading
 
 from pdray.kv_transfer.base import TransferError
@@ -52,6 +53,24 @@ class UcxRuntime:
         ucxx.init(options=self.options, progress_mode="thread", enable_python_future=True)
         self.worker = ucxx.core._get_ctx().worker
 
+    def stop_notifier(self, timeout_s: float) -> None:
+        """Ask ucxx's notifier thread to end and wait up to `timeout_s` for it (at exit only:
+        Python futures of later requests would never complete)."""
+        ctx = ucxx.core._ctx
+        thread = getattr(ctx, "notifier_thread", None)
+        if thread is None:
+            return
+        ctx.notifier_thread_q.put("shutdown")
+        self.worker.stop_request_notifier_thread()  # wakes its wait now, not after its period
+        thread.join(timeout_s)
+        if thread.is_alive():
+            print(
+                f"pdray: ucxx's notifier thread did not stop within {timeout_s:g} s at exit",
+                file=sys.stderr,
+            )
+        else:
+            ctx.notifier_thread = None
+
     def run(self, coro, timeout_s: float, what: str):
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
@@ -69,9 +88,15 @@ _exiting = False
 
 
 @atexit.register
-def _mark_exiting() -> None:
+def _at_exit() -> None:
+    """Stop ucxx's request-notifier thread while the interpreter can still run it. Left running,
+    it wakes (once a second) into a finalizing interpreter, whose GIL ends it with a forced unwind
+    through ucxx's C++ frames, and glibc aborts the process ("FATAL: exception not rethrown")
+    after all its work was done."""
     global _exiting
     _exiting = True
+    if _runtime is not None:
+        _runtime.stop_notifier(timeout_s=5.0)
 
 
 def is_exiting() -> bool:
