@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from pdray.deployments.app import parse_args, replica_resources
+from pdray.deployments.app import REPLICA_ENV, parse_args, replica_resources
 
 
 def test_tensor_parallel_replica_gets_a_bundle_per_rank():
     args = parse_args({"prefill": {"replicas": 0}, "decode": {"replicas": 0},
                        "mixed": {"replicas": 1, "tensor_parallel_size": 4}})  # fmt: skip
     options, bundles = replica_resources(args.mixed, on_gpu=True)
-    assert options == {"num_cpus": 0.5, "num_gpus": 1}
+    env = {"env_vars": REPLICA_ENV}
+    assert options == {"num_cpus": 0.5, "num_gpus": 1, "runtime_env": env}
     assert bundles == [{"CPU": 0.5, "GPU": 1}] + [{"GPU": 1}] * 3
     options, bundles = replica_resources(args.mixed, on_gpu=False)
     assert options["num_gpus"] == 0 and len(bundles) == 4 and bundles[0] == {"CPU": 0.5}
@@ -19,7 +20,7 @@ def test_tensor_parallel_replica_gets_a_bundle_per_rank():
 def test_single_rank_replica_has_a_group_of_one():
     args = parse_args({})
     options, bundles = replica_resources(args.prefill, on_gpu=True)
-    assert options == {"num_cpus": 0.5, "num_gpus": 0.5}
+    assert options == {"num_cpus": 0.5, "num_gpus": 0.5, "runtime_env": {"env_vars": REPLICA_ENV}}
     assert bundles == [{"CPU": 0.5, "GPU": 0.5}]
 
 
