@@ -55,7 +55,8 @@ class UcxRuntime:
 
     def stop_notifier(self, timeout_s: float) -> None:
         """Ask ucxx's notifier thread to end and wait up to `timeout_s` for it (at exit only:
-        Python futures of later requests would never complete)."""
+        Python futures of later requests would never complete). Not ucxx's own
+        `stop_notifier_thread`: it waits for the thread with no deadline."""
         ctx = ucxx.core._ctx
         thread = getattr(ctx, "notifier_thread", None)
         if thread is None:
